@@ -1,0 +1,48 @@
+"""EditServe editors: knowledge-editing algorithms on Hugging Face causal LMs.
+
+Pure PyTorch + transformers: an editor reads the model and returns a Patch; applying it is
+the caller's decision. Nothing here imports the service, a database or a queue.
+"""
+
+from .errors import (
+    EditError,
+    EmptyTargetError,
+    PatchError,
+    StatisticsError,
+    SubjectNotInPromptError,
+    SubjectNotLocatedError,
+    UnknownHyperparameterError,
+    UnknownMethodError,
+    UnsupportedModelError,
+)
+from .methods import METHODS, Method, get_method
+from .model_spec import SPECS, ModelSpec, detect_spec
+from .patch import AppliedPatch, FactoredDelta, Patch, apply_patch, revert_patch
+from .requests import EditRequest
+from .result import Diagnostics, EditResult
+
+__all__ = [
+    "METHODS",
+    "SPECS",
+    "AppliedPatch",
+    "Diagnostics",
+    "EditError",
+    "EditRequest",
+    "EditResult",
+    "EmptyTargetError",
+    "FactoredDelta",
+    "Method",
+    "ModelSpec",
+    "Patch",
+    "PatchError",
+    "StatisticsError",
+    "SubjectNotInPromptError",
+    "SubjectNotLocatedError",
+    "UnknownHyperparameterError",
+    "UnknownMethodError",
+    "UnsupportedModelError",
+    "apply_patch",
+    "detect_spec",
+    "get_method",
+    "revert_patch",
+]

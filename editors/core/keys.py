@@ -1,0 +1,106 @@
+"""Keys: the MLP output projection's input at the subject's last token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..model_spec import ModelSpec
+from ..requests import EditRequest
+from ..tokens import locate
+from ..tracing import forward_until, hidden_of, record_inputs
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Per-request keys at one layer: prefix-averaged and from the bare prompt."""
+
+    mean: torch.Tensor  # [n, d_in]
+    bare: torch.Tensor  # [n, d_in]
+
+
+def right_padded(rows: list[list[int]], pad_id: int, device: torch.device):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, device=device)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def pad_id_of(tok: PreTrainedTokenizerBase) -> int:
+    for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+@torch.no_grad()
+def compute_keys(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    requests: list[EditRequest],
+    prefixes: list[str],
+    layers: list[int],
+    chunk_rows: int = 64,
+) -> dict[int, Keys]:
+    """Keys of every request at every layer in `layers`, from one batched pass per chunk.
+
+    `prefixes[0]` must be the empty prefix (the bare prompt).
+    """
+    device = next(model.parameters()).device
+    located = [locate(tok, p, r.prompt, r.subject, None) for r in requests for p in prefixes]
+    paths = [spec.mlp_out_path(layer) for layer in layers]
+    gathered: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for start in range(0, len(located), chunk_rows):
+        chunk = located[start : start + chunk_rows]
+        ids, mask = right_padded([c.prompt_ids for c in chunk], pad_id_of(tok), device)
+        rows = torch.arange(len(chunk), device=device)
+        cols = torch.tensor([c.lookup for c in chunk], device=device)
+        with record_inputs(model, paths) as seen:
+            forward_until(
+                model,
+                paths[layers.index(max(layers))],
+                input_ids=ids,
+                attention_mask=mask,
+                use_cache=False,
+            )
+        for layer, path in zip(layers, paths, strict=True):
+            gathered[layer].append(seen[path][rows, cols].float())
+    result = {}
+    for layer in layers:
+        per_row = torch.cat(gathered[layer]).view(len(requests), len(prefixes), -1)
+        result[layer] = Keys(mean=per_row.mean(dim=1), bare=per_row[:, 0])
+    return result
+
+
+@torch.no_grad()
+def residual_at_subject(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    requests: list[EditRequest],
+    layer: int,
+) -> torch.Tensor:
+    """Output of block `layer` at the subject's last token of each bare prompt: [n, d]."""
+    device = next(model.parameters()).device
+    located = [locate(tok, "", r.prompt, r.subject, None) for r in requests]
+    ids, mask = right_padded([c.prompt_ids for c in located], pad_id_of(tok), device)
+    captured: dict[str, torch.Tensor] = {}
+    block = model.get_submodule(spec.layer_path(layer))
+    handle = block.register_forward_hook(
+        lambda _m, _a, out: captured.setdefault("h", hidden_of(out).detach())
+    )
+    try:
+        forward_until(
+            model, spec.layer_path(layer), input_ids=ids, attention_mask=mask, use_cache=False
+        )
+    finally:
+        handle.remove()
+    rows = torch.arange(len(located), device=device)
+    cols = torch.tensor([c.lookup for c in located], device=device)
+    return captured["h"][rows, cols].float()

@@ -1,0 +1,321 @@
+"""Target values: the residual change at a block's output that makes the model say the target.
+
+For each request i we look for a vector delta_i, added to the output of block `layer` at the
+subject's last token, that minimises
+
+    NLL(target_new | prefix + prompt)            averaged over the context prefixes
+  + kl_factor * KL(p_before || p_after)          on "{subject} is a" (keep what the subject is)
+  + weight_decay * |delta_i| / |h_i|^2           with |delta_i| <= clamp_norm_factor * |h_i|
+
+where h_i is the block output at that token. Nothing before the subject's last token depends
+on delta_i (causal attention), and the blocks at and below `layer` do not either: both are
+computed once (a KV cache for the tokens before the subject, frozen block outputs for the
+rest), so each step runs only the upper blocks on the few tokens from the subject on.
+All requests of a batch are optimised together; a request leaves the batch once its target is
+reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..model_spec import ModelSpec, get_module
+from ..requests import EditRequest
+from ..tokens import PromptIds, locate
+from ..tracing import frozen_below, hidden_of
+from .keys import pad_id_of
+
+KL_TEMPLATE = "{} is a"
+
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class ValueOptions:
+    steps: int = 25
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    stop_nll: float = 0.05
+
+
+@dataclass
+class ResidualTargets:
+    """delta[i] is the change of block `layer`'s output wanted at request i's subject."""
+
+    layer: int
+    delta: torch.Tensor  # [n, d]
+    start: torch.Tensor  # [n, d] block output at the subject, bare prompt
+    losses: list[float] = field(default_factory=list)
+    prob_before: list[float] = field(default_factory=list)
+    prob_after: list[float] = field(default_factory=list)
+    steps: int = 0
+
+
+@dataclass
+class _Rows:
+    """The optimisation batch split at each row's subject token."""
+
+    past_ids: torch.Tensor  # [B, P] tokens before the subject's last token (right-padded)
+    past_mask: torch.Tensor
+    ids: torch.Tensor  # [B, S] from the subject's last token on (right-padded)
+    mask: torch.Tensor
+    positions: torch.Tensor  # [B, S]
+    request: torch.Tensor  # [B] which request each row belongs to
+    is_kl: torch.Tensor  # [B] bool
+    answer_rows: torch.Tensor  # [T] row of each answer token
+    answer_cols: torch.Tensor  # [T] column (in ids) predicting it
+    answer_ids: torch.Tensor  # [T]
+    answer_row_len: torch.Tensor  # [B] answer length of each row (1 for KL rows)
+    kl_cols: torch.Tensor  # [B] column of the next-token distribution used for KL
+
+
+def _build_rows(
+    tok: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    prefixes: list[str],
+    device: torch.device,
+) -> _Rows:
+    entries: list[tuple[int, bool, PromptIds]] = []
+    for i, request in enumerate(requests):
+        for prefix in prefixes:
+            entries.append(
+                (i, False, locate(tok, prefix, request.prompt, request.subject, request.target))
+            )
+        entries.append((i, True, locate(tok, "", KL_TEMPLATE, request.subject, None)))
+    pad = pad_id_of(tok)
+    past_width = max(e.lookup for _, _, e in entries)
+    suffixes = [
+        (e.prompt_ids + e.answer_ids[:-1])[e.lookup :] if not kl else e.prompt_ids[e.lookup :]
+        for _, kl, e in entries
+    ]
+    width = max(len(s) for s in suffixes)
+    n = len(entries)
+    past_ids = torch.full((n, past_width), pad, dtype=torch.long)
+    past_mask = torch.zeros((n, past_width), dtype=torch.long)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    a_rows, a_cols, a_ids, row_len, kl_cols = [], [], [], [], []
+    for row, ((_, kl, e), suffix) in enumerate(zip(entries, suffixes, strict=True)):
+        past_ids[row, : e.lookup] = torch.tensor(e.prompt_ids[: e.lookup], dtype=torch.long)
+        past_mask[row, : e.lookup] = 1
+        ids[row, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+        mask[row, : len(suffix)] = 1
+        positions[row] = e.lookup + torch.arange(width)
+        first = len(e.prompt_ids) - 1 - e.lookup
+        kl_cols.append(first)
+        if kl:
+            row_len.append(1)
+            continue
+        row_len.append(len(e.answer_ids))
+        for j, token in enumerate(e.answer_ids):
+            a_rows.append(row)
+            a_cols.append(first + j)
+            a_ids.append(token)
+
+    def t(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return _Rows(
+        past_ids=past_ids.to(device),
+        past_mask=past_mask.to(device),
+        ids=ids.to(device),
+        mask=mask.to(device),
+        positions=positions.to(device),
+        request=t([i for i, _, _ in entries]),
+        is_kl=torch.tensor([kl for _, kl, _ in entries], device=device),
+        answer_rows=t(a_rows),
+        answer_cols=t(a_cols),
+        answer_ids=t(a_ids),
+        answer_row_len=t(row_len),
+        kl_cols=t(kl_cols),
+    )
+
+
+def _logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+class _UpperStack:
+    """Runs the blocks above `layer` on the suffix tokens, prefix held in a KV cache."""
+
+    def __init__(self, model: PreTrainedModel, spec: ModelSpec, layer: int, rows: _Rows):
+        self.model = model
+        self.backbone = model.base_model
+        self.layers = get_module(model, spec.layers)
+        self.layer = layer
+        self.rows = rows
+        self.past_len = rows.past_ids.shape[1]
+        self.cache = None
+        with torch.no_grad():
+            if self.past_len:
+                out = self.backbone(
+                    input_ids=rows.past_ids,
+                    attention_mask=rows.past_mask,
+                    position_ids=torch.arange(self.past_len, device=rows.past_ids.device).expand_as(
+                        rows.past_ids
+                    ),
+                    use_cache=True,
+                )
+                self.cache = out.past_key_values
+            self.block_out, self.example, self.clean_hidden = self._clean_pass()
+
+    def _call(self, first_cached_block: int) -> torch.Tensor:
+        rows = self.rows
+        out = self.backbone(
+            input_ids=rows.ids,
+            attention_mask=torch.cat([rows.past_mask, rows.mask], dim=1),
+            position_ids=rows.positions,
+            past_key_values=self.cache,
+            use_cache=self.cache is not None,
+        )
+        if self.cache is not None:
+            # forget the suffix again (stubbed blocks never appended to their caches)
+            for block_cache in self.cache.layers[first_cached_block:]:
+                block_cache.crop(-rows.ids.shape[1])
+                block_cache.keys = block_cache.keys.detach()
+                block_cache.values = block_cache.values.detach()
+        return out.last_hidden_state
+
+    def _clean_pass(self):
+        captured = {}
+        handle = self.layers[self.layer].register_forward_hook(
+            lambda _m, _a, out: captured.setdefault("out", out)
+        )
+        try:
+            hidden = self._call(first_cached_block=0)
+        finally:
+            handle.remove()
+        return hidden_of(captured["out"]).detach(), captured["out"], hidden.detach()
+
+    def run(self, row_delta: torch.Tensor) -> torch.Tensor:
+        """Final hidden states with `row_delta` [B, d] added at each row's subject token."""
+        width = self.block_out.shape[1]
+        bump = F.pad(row_delta.unsqueeze(1), (0, 0, 0, width - 1))
+        with frozen_below(self.layers, self.layer, lambda: self.block_out + bump, self.example):
+            return self._call(first_cached_block=self.layer + 1)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the rows in `keep` (indices), dropping finished requests' rows."""
+        self.rows = _select_rows(self.rows, keep)
+        self.block_out = self.block_out[keep]
+        self.clean_hidden = self.clean_hidden[keep]
+        if self.cache is not None:
+            self.cache.batch_select_indices(keep)
+
+
+def _select_rows(rows: _Rows, keep: torch.Tensor) -> _Rows:
+    remap = torch.full((rows.ids.shape[0],), -1, dtype=torch.long, device=keep.device)
+    remap[keep] = torch.arange(len(keep), device=keep.device)
+    token_keep = remap[rows.answer_rows] >= 0
+    return _Rows(
+        past_ids=rows.past_ids[keep],
+        past_mask=rows.past_mask[keep],
+        ids=rows.ids[keep],
+        mask=rows.mask[keep],
+        positions=rows.positions[keep],
+        request=rows.request[keep],
+        is_kl=rows.is_kl[keep],
+        answer_rows=remap[rows.answer_rows[token_keep]],
+        answer_cols=rows.answer_cols[token_keep],
+        answer_ids=rows.answer_ids[token_keep],
+        answer_row_len=rows.answer_row_len[keep],
+        kl_cols=rows.kl_cols[keep],
+    )
+
+
+def _row_answer_nll(model: PreTrainedModel, rows: _Rows, hidden: torch.Tensor) -> torch.Tensor:
+    """Length-normalised NLL of each row's answer [B] (0 for KL rows)."""
+    logp = torch.log_softmax(_logits(model, hidden[rows.answer_rows, rows.answer_cols]), -1)
+    token_nll = -logp.gather(1, rows.answer_ids[:, None]).squeeze(1)
+    per_row = torch.zeros(rows.ids.shape[0], device=hidden.device)
+    per_row = per_row.index_add(0, rows.answer_rows, token_nll)
+    return per_row / rows.answer_row_len
+
+
+def _kl_logprobs(model: PreTrainedModel, rows: _Rows, hidden: torch.Tensor) -> torch.Tensor:
+    kl_rows = torch.nonzero(rows.is_kl).squeeze(1)
+    return torch.log_softmax(_logits(model, hidden[kl_rows, rows.kl_cols[kl_rows]]), -1)
+
+
+def optimise_residual_targets(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    requests: list[EditRequest],
+    prefixes: list[str],
+    layer: int,
+    options: ValueOptions,
+    progress: ProgressFn | None = None,
+) -> ResidualTargets:
+    device = next(model.parameters()).device
+    n = len(requests)
+    rows = _build_rows(tok, requests, prefixes, device)
+    stack = _UpperStack(model, spec, layer, rows)
+    # the bare-prompt row of each request is its first row
+    first_rows = torch.tensor([i * (len(prefixes) + 1) for i in range(n)], device=device)
+    start = stack.block_out[first_rows, 0].float()
+    max_norm = options.clamp_norm_factor * start.norm(dim=1)
+    kl_before = _kl_logprobs(model, rows, stack.clean_hidden).detach()  # [n, V] in order
+
+    delta = torch.zeros((n, start.shape[1]), device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=options.lr)
+    active = torch.arange(n, device=device)
+    result = ResidualTargets(layer=layer, delta=delta, start=start)
+    final_nll = torch.zeros(n, device=device)
+
+    for step in range(options.steps):
+        rows = stack.rows
+        hidden = stack.run(delta[rows.request].to(stack.block_out.dtype))
+        row_nll = _row_answer_nll(model, rows, hidden)
+        counts = torch.zeros(n, device=device).index_add(0, rows.request, (~rows.is_kl).float())
+        nll = torch.zeros(n, device=device).index_add(0, rows.request, row_nll)
+        nll = nll[active] / counts[active]
+        kl_now = _kl_logprobs(model, rows, hidden)
+        kl = F.kl_div(kl_now, kl_before, log_target=True, reduction="none").sum(-1)
+        decay = options.weight_decay * delta[active].norm(dim=1) / start[active].norm(dim=1) ** 2
+        loss = (nll + options.kl_factor * kl + decay).sum()
+
+        final_nll[active] = nll.detach()
+        if step == 0:
+            result.prob_before = torch.exp(-nll.detach()).tolist()
+        result.losses.append(float(loss.detach()) / len(active))
+        result.steps = step + 1
+        if progress:
+            progress((step + 1) / options.steps, "optimise target values")
+        done = nll.detach() < options.stop_nll
+        if bool(done.all()) or step == options.steps - 1:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        frozen = delta.detach().clone()
+        optimizer.step()
+        with torch.no_grad():
+            inactive = torch.ones(n, dtype=torch.bool, device=device)
+            inactive[active] = False
+            delta[inactive] = frozen[inactive]
+            norms = delta.norm(dim=1)
+            scale = torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0)
+            delta.mul_(scale[:, None])
+        if bool(done.any()):
+            with torch.no_grad():
+                delta[active[done]] = frozen[active[done]]
+            active = active[~done]
+            keep = torch.nonzero(torch.isin(stack.rows.request, active)).squeeze(1)
+            stack.select(keep)
+            kl_before = kl_before[~done]
+
+    result.prob_after = torch.exp(-final_nll).tolist()
+    result.delta = delta.detach()
+    return result

@@ -1,0 +1,94 @@
+"""Hyperparameters shared by the locate-then-edit methods, and override handling."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+from .core.values import ValueOptions
+from .errors import UnknownHyperparameterError
+
+H = TypeVar("H")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocateEditHyperParams:
+    """Fields every locate-then-edit method has (value optimisation and context prefixes)."""
+
+    prefixes: int = 5  # sampled context prefixes, besides the bare prompt
+    prefix_length: int = 10
+    steps: int = 25
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75  # |delta| <= factor * |residual at the subject|
+    stop_nll: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "lr", "prefix_length", "clamp_norm_factor", "stop_nll")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UnknownHyperparameterError(f"{name} must be positive", field=name)
+        for name in ("prefixes", "kl_factor", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise UnknownHyperparameterError(f"{name} must not be negative", field=name)
+
+    @property
+    def value_options(self) -> ValueOptions:
+        return ValueOptions(
+            steps=self.steps,
+            lr=self.lr,
+            kl_factor=self.kl_factor,
+            weight_decay=self.weight_decay,
+            clamp_norm_factor=self.clamp_norm_factor,
+            stop_nll=self.stop_nll,
+        )
+
+
+def with_overrides(base: H, overrides: dict[str, Any] | None) -> H:
+    """`base` with `overrides` applied; unknown names and wrongly typed values are refused."""
+    if not overrides:
+        return base
+    fields = {f.name: f for f in dataclasses.fields(base)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise UnknownHyperparameterError(
+            f"unknown hyperparameter(s) {unknown}; known: {sorted(fields)}", field=unknown[0]
+        )
+    coerced = {name: _coerce(name, getattr(base, name), value) for name, value in overrides.items()}
+    return dataclasses.replace(base, **coerced)  # type: ignore[type-var]
+
+
+def _coerce(name: str, current: Any, value: Any) -> Any:
+    if isinstance(current, tuple) or (current is None and isinstance(value, list | tuple)):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, int) for v in value):
+            raise UnknownHyperparameterError(f"{name} must be a list of integers", field=name)
+        return tuple(value)
+    if isinstance(current, bool) or isinstance(value, bool):
+        if not isinstance(value, bool):
+            raise UnknownHyperparameterError(f"{name} must be true or false", field=name)
+        return value
+    if isinstance(current, int) or (current is None and isinstance(value, int)):
+        if not isinstance(value, int):
+            raise UnknownHyperparameterError(f"{name} must be an integer", field=name)
+        return value
+    if isinstance(current, float):
+        if not isinstance(value, int | float):
+            raise UnknownHyperparameterError(f"{name} must be a number", field=name)
+        return float(value)
+    if isinstance(current, str) and not isinstance(value, str):
+        raise UnknownHyperparameterError(f"{name} must be a string", field=name)
+    return value
+
+
+def layer_at(fraction: float, n_layers: int) -> int:
+    return min(n_layers - 1, max(0, round(fraction * n_layers)))
+
+
+def check_layers(layers: list[int], n_layers: int) -> None:
+    for layer in layers:
+        if not 0 <= layer < n_layers:
+            raise UnknownHyperparameterError(
+                f"layer {layer} is outside the model's 0..{n_layers - 1}", field="layers"
+            )

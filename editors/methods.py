@@ -1,0 +1,41 @@
+"""The registry of editing methods: name -> hyperparameters (with per-family defaults) and
+the compute function."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import memit, rome
+from .errors import UnknownMethodError
+from .hparams import with_overrides
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    hparams_type: type
+    compute: Callable[..., Any]
+    family_defaults: dict[str, dict[str, Any]]
+
+    def hparams(self, family: str, overrides: dict[str, Any] | None = None) -> Any:
+        """Defaults for `family`, then the caller's overrides (unknown names refused)."""
+        base = dataclasses.replace(self.hparams_type(), **self.family_defaults.get(family, {}))
+        return with_overrides(base, overrides)
+
+
+METHODS: dict[str, Method] = {
+    "rome": Method("rome", rome.ROMEHyperParams, rome.compute, {}),
+    "memit": Method("memit", memit.MEMITHyperParams, memit.compute, {}),
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; available: {sorted(METHODS)}", field="method"
+        ) from None

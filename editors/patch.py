@@ -1,0 +1,150 @@
+"""Patches: per-parameter weight deltas an editor returns and only the caller applies.
+
+A delta is factored (`param += left @ right.T`, rank r) or dense. A patch serialises to
+safetensors bytes (deterministic for the same content) named by their sha256. Applying
+returns the original values of the touched parameters, so a revert is bit-exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .errors import PatchError
+
+
+@dataclass(frozen=True)
+class FactoredDelta:
+    left: torch.Tensor  # [rows, r]
+    right: torch.Tensor  # [cols, r]
+
+    def dense(self) -> torch.Tensor:
+        return self.left.float() @ self.right.float().T
+
+    @property
+    def rank(self) -> int:
+        return int(self.left.shape[1])
+
+
+Delta = FactoredDelta | torch.Tensor
+
+
+def dense_of(delta: Delta) -> torch.Tensor:
+    return delta.dense() if isinstance(delta, FactoredDelta) else delta.float()
+
+
+@dataclass
+class Patch:
+    method: str
+    deltas: dict[str, Delta]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def parameter_names(self) -> list[str]:
+        return sorted(self.deltas)
+
+    def to_bytes(self) -> bytes:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, delta in self.deltas.items():
+            if isinstance(delta, FactoredDelta):
+                tensors[f"{name}::left"] = delta.left.float().contiguous()
+                tensors[f"{name}::right"] = delta.right.float().contiguous()
+            else:
+                tensors[f"{name}::dense"] = delta.float().contiguous()
+        meta = {"method": self.method, "metadata": json.dumps(self.metadata, sort_keys=True)}
+        return st_save(tensors, metadata=meta)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, expected_sha256: str | None = None) -> Patch:
+        if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+            raise PatchError("patch bytes do not match their sha256", field="patch")
+        try:
+            tensors = st_load(data)
+            meta = _read_metadata(data)
+        except Exception as exc:  # safetensors raises several error types
+            message = f"patch bytes are not valid safetensors: {exc}"
+            raise PatchError(message, field="patch") from exc
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            name, _, part = key.rpartition("::")
+            parts.setdefault(name, {})[part] = tensor
+        deltas: dict[str, Delta] = {
+            name: FactoredDelta(p["left"], p["right"]) if "left" in p else p["dense"]
+            for name, p in parts.items()
+        }
+        return cls(meta.get("method", ""), deltas, json.loads(meta.get("metadata", "{}")))
+
+    def merged(self, other: Patch) -> Patch:
+        """One patch with both patches' deltas (factored deltas concatenate their ranks)."""
+        deltas = dict(self.deltas)
+        for name, delta in other.deltas.items():
+            if name not in deltas:
+                deltas[name] = delta
+            elif isinstance(deltas[name], FactoredDelta) and isinstance(delta, FactoredDelta):
+                mine = deltas[name]
+                assert isinstance(mine, FactoredDelta)
+                deltas[name] = FactoredDelta(
+                    torch.cat([mine.left, delta.left], 1), torch.cat([mine.right, delta.right], 1)
+                )
+            else:
+                deltas[name] = dense_of(deltas[name]) + dense_of(delta)
+        return Patch(self.method, deltas, {**self.metadata, **other.metadata})
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    return header.get("__metadata__", {}) or {}
+
+
+@dataclass
+class AppliedPatch:
+    """Original values of the parameters a patch changed; `revert` restores them exactly."""
+
+    originals: dict[str, torch.Tensor]
+
+
+def _parameter(model: nn.Module, name: str) -> nn.Parameter:
+    try:
+        return model.get_parameter(name)
+    except AttributeError as exc:
+        raise PatchError(f"model has no parameter {name!r}", field="patch") from exc
+
+
+@torch.no_grad()
+def apply_patch(model: nn.Module, patch: Patch) -> AppliedPatch:
+    """Add the patch's deltas to the model (fp32 arithmetic, cast to the weight dtype)."""
+    params = {name: _parameter(model, name) for name in patch.parameter_names}
+    for name, param in params.items():
+        delta = patch.deltas[name]
+        shape = (
+            (delta.left.shape[0], delta.right.shape[0])
+            if isinstance(delta, FactoredDelta)
+            else tuple(delta.shape)
+        )
+        if tuple(param.shape) != tuple(shape):
+            raise PatchError(
+                f"delta for {name} has shape {tuple(shape)}, parameter is {tuple(param.shape)}",
+                field="patch",
+            )
+    originals = {name: param.detach().clone() for name, param in params.items()}
+    for name, param in params.items():
+        update = dense_of(patch.deltas[name]).to(param.device)
+        param.copy_((param.float() + update).to(param.dtype))
+    return AppliedPatch(originals)
+
+
+@torch.no_grad()
+def revert_patch(model: nn.Module, applied: AppliedPatch) -> None:
+    for name, original in applied.originals.items():
+        _parameter(model, name).copy_(original)

@@ -1,0 +1,140 @@
+"""ROME: rank-one model editing (Meng et al., 2022), with the corrected key of R-ROME
+(Gupta et al., 2024) as the default.
+
+For one fact at layer l:
+  k   = prefix-averaged input of the MLP output projection at the subject's last token
+  r   = wanted change of the MLP output there (core.values, mapped by core.mlp_values)
+  W' = W + r (C^-1 k)^T / (k_d^T C^-1 k)
+with k_d = k (variant "corrected") or the bare-prompt key (variant "original"; this mismatch
+is what makes original ROME collapse the model on some edits). Several requests are edited
+one after another, each on the weights left by the previous one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .core.keys import compute_keys
+from .core.mlp_values import mlp_output_change
+from .core.updates import rank_one_update
+from .core.values import ProgressFn, optimise_residual_targets
+from .errors import UnknownHyperparameterError
+from .hparams import LocateEditHyperParams, check_layers, layer_at
+from .model_spec import ModelSpec, detect_spec, edited_weight, num_layers
+from .patch import AppliedPatch, Patch, apply_patch, revert_patch
+from .prefixes import sample_prefixes
+from .requests import EditRequest
+from .result import Diagnostics, EditResult
+from .stats import Statistics
+from .weights import factored, linear_weight
+
+VARIANTS = ("corrected", "original")
+
+
+@dataclass(frozen=True)
+class ROMEHyperParams(LocateEditHyperParams):
+    layer: int | None = None  # None: the family default depth
+    layer_fraction: float = 0.17
+    variant: str = "corrected"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant not in VARIANTS:
+            raise UnknownHyperparameterError(f"variant must be one of {VARIANTS}", field="variant")
+
+    def resolved_layer(self, n_layers: int) -> int:
+        layer = self.layer if self.layer is not None else layer_at(self.layer_fraction, n_layers)
+        check_layers([layer], n_layers)
+        return layer
+
+
+def compute(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    hparams: ROMEHyperParams,
+    stats: Statistics,
+    *,
+    spec: ModelSpec | None = None,
+    progress: ProgressFn | None = None,
+    prefixes: list[str] | None = None,
+) -> EditResult:
+    """Edit `requests` one after another; `prefixes` (from an earlier result) skip sampling."""
+    spec = detect_spec(model, spec)
+    layer = hparams.resolved_layer(num_layers(model, spec))
+    started = time.perf_counter()
+    stats.prepare([layer])
+    if prefixes is None:
+        prefixes = sample_prefixes(
+            model, tok, hparams.prefixes, hparams.prefix_length, hparams.seed
+        )
+    diagnostics = Diagnostics(method="rome", layers=[layer], prefixes=prefixes)
+    diagnostics.seconds["prepare"] = time.perf_counter() - started
+    patch: Patch | None = None
+    applied: list[AppliedPatch] = []
+    try:
+        for index, request in enumerate(requests):
+
+            def step(fraction: float, stage: str, index: int = index) -> None:
+                if progress:
+                    progress((index + fraction) / len(requests), stage)
+
+            one = _edit_one(
+                model, tok, spec, request, prefixes, layer, hparams, stats, diagnostics, step
+            )
+            if index < len(requests) - 1:
+                applied.append(apply_patch(model, one))
+            patch = one if patch is None else patch.merged(one)
+    finally:
+        for record in reversed(applied):
+            revert_patch(model, record)
+    assert patch is not None
+    patch.metadata.update({"layer": str(layer), "variant": hparams.variant})
+    diagnostics.delta_norms = {
+        name: float(torch.linalg.norm(factored_delta.dense()))  # type: ignore[union-attr]
+        for name, factored_delta in patch.deltas.items()
+    }
+    diagnostics.seconds["total"] = time.perf_counter() - started
+    return EditResult(patch, diagnostics)
+
+
+def _edit_one(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    request: EditRequest,
+    prefixes: list[str],
+    layer: int,
+    hparams: ROMEHyperParams,
+    stats: Statistics,
+    diagnostics: Diagnostics,
+    progress: ProgressFn,
+) -> Patch:
+    t0 = time.perf_counter()
+    keys = compute_keys(model, tok, spec, [request], prefixes, [layer])[layer]
+    t1 = time.perf_counter()
+    targets = optimise_residual_targets(
+        model, tok, spec, [request], prefixes, layer, hparams.value_options, progress
+    )
+    t2 = time.perf_counter()
+    weight = linear_weight(spec, edited_weight(model, spec, layer))
+    key = keys.mean[0]
+    mlp_out = (weight.float() @ key)[None]
+    change = mlp_output_change(model, spec, layer, mlp_out, targets.delta)[0]
+    denominator_key = key if hparams.variant == "corrected" else keys.bare[0]
+    left, right = rank_one_update(stats.inverse(layer), key, change, denominator_key)
+    diagnostics.steps += targets.steps
+    diagnostics.losses.extend(targets.losses)
+    diagnostics.prob_before.extend(targets.prob_before)
+    diagnostics.prob_after.extend(targets.prob_after)
+    for stage, seconds in (
+        ("keys", t1 - t0),
+        ("values", t2 - t1),
+        ("update", time.perf_counter() - t2),
+    ):
+        diagnostics.seconds[stage] = diagnostics.seconds.get(stage, 0.0) + seconds
+    return Patch("rome", {spec.weight_name(layer): factored(spec, left, right)})

@@ -1,0 +1,1 @@
+"""EditServe service: CLI (and later the HTTP API, ledger and queue)."""
