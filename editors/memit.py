@@ -50,6 +50,9 @@ class MEMITHyperParams(LocateEditHyperParams):
                 "layers must be distinct and ascending", field="layers"
             )
 
+    def edited_layers(self, n_layers: int) -> list[int]:
+        return self.resolved_layers(n_layers)
+
     def resolved_layers(self, n_layers: int) -> list[int]:
         if self.layers is not None:
             layers = list(self.layers)

@@ -46,6 +46,9 @@ class ROMEHyperParams(LocateEditHyperParams):
         if self.variant not in VARIANTS:
             raise UnknownHyperparameterError(f"variant must be one of {VARIANTS}", field="variant")
 
+    def edited_layers(self, n_layers: int) -> list[int]:
+        return [self.resolved_layer(n_layers)]
+
     def resolved_layer(self, n_layers: int) -> int:
         layer = self.layer if self.layer is not None else layer_at(self.layer_fraction, n_layers)
         check_layers([layer], n_layers)

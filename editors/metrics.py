@@ -1,0 +1,215 @@
+"""Editing metrics, each group of prompts scored in one batched pass.
+
+EasyEdit family (token-level teacher-forced accuracy):
+  reliability     new target after the edit prompt
+  generalization  new target after the paraphrases
+  locality        the locality prompts' predicted answer tokens are those before the edit
+  portability     the portability answers (multi-hop, alias, reasoning)
+CounterFact family (probability comparisons, mean token NLL per answer):
+  efficacy        NLL(new) < NLL(true) on the edit prompt          (ES, magnitude P(new)-P(true))
+  paraphrase      the same on the paraphrases                      (PS)
+  neighborhood    NLL(true) < NLL(new) on the locality prompts     (NS)
+Fluency: ROME's weighted 2/3-gram entropy of greedy generations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .core.keys import pad_id_of, right_padded
+from .requests import EditRequest, with_leading_space
+from .tokens import encode_answer, encode_prompt
+
+Pair = tuple[str, str]  # (prompt text, answer)
+
+
+@dataclass(frozen=True)
+class PairScores:
+    nll: list[float]  # mean token NLL of each answer
+    predicted: list[list[int]]  # argmax token at each answer position
+    answers: list[list[int]]
+
+    def accuracy(self, index: int) -> float:
+        hits = sum(p == a for p, a in zip(self.predicted[index], self.answers[index], strict=True))
+        return hits / len(self.answers[index])
+
+
+@torch.no_grad()
+def score_pairs(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, pairs: list[Pair], chunk: int = 64
+) -> PairScores:
+    """Teacher-forced NLL and argmax predictions of every answer given its prompt."""
+    device = next(model.parameters()).device
+    encoded = [(encode_prompt(tok, p), encode_answer(tok, with_leading_space(a))) for p, a in pairs]
+    nll: list[float] = []
+    predicted: list[list[int]] = []
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+    by_index: dict[int, tuple[float, list[int]]] = {}
+    for start in range(0, len(order), chunk):
+        indices = order[start : start + chunk]
+        rows = [encoded[i][0] + encoded[i][1] for i in indices]
+        ids, mask = right_padded(rows, pad_id_of(tok), device)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        for row, i in enumerate(indices):
+            prompt, answer = encoded[i]
+            cols = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(answer), device=device)
+            target = torch.tensor(answer, device=device)
+            token_logp = logp[row, cols].gather(1, target[:, None]).squeeze(1)
+            by_index[i] = (float(-token_logp.mean()), logp[row, cols].argmax(-1).tolist())
+    for i in range(len(encoded)):
+        nll.append(by_index[i][0])
+        predicted.append(by_index[i][1])
+    return PairScores(nll, predicted, [a for _, a in encoded])
+
+
+@dataclass
+class _Plan:
+    """Every (prompt, answer) pair an evaluation needs, and where each metric's pairs are."""
+
+    pairs: list[Pair]
+    groups: dict[str, list[list[int]]]  # metric -> per request, indices into pairs
+
+    def add(self, metric: str, request_index: int, pair: Pair) -> None:
+        per_request = self.groups.setdefault(metric, [])
+        while len(per_request) <= request_index:
+            per_request.append([])
+        per_request[request_index].append(len(self.pairs))
+        self.pairs.append(pair)
+
+
+def _plan(requests: list[EditRequest]) -> _Plan:
+    plan = _Plan([], {})
+    for i, r in enumerate(requests):
+        prompts = [r.text, *r.paraphrases]
+        for kind, prompt in zip(
+            ["rewrite"] + ["paraphrase"] * len(r.paraphrases), prompts, strict=True
+        ):
+            plan.add(f"{kind}:new", i, (prompt, r.target_new))
+            if r.target_true is not None:
+                plan.add(f"{kind}:true", i, (prompt, r.target_true))
+        for prompt, answer in r.locality:
+            plan.add("locality:answer", i, (prompt, answer))
+            if r.target_true is not None:
+                plan.add("locality:new", i, (prompt, r.target_new))
+        for prompt, answer in r.portability:
+            plan.add("portability", i, (prompt, answer))
+    return plan
+
+
+def locality_reference(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[EditRequest]
+) -> list[list[list[int]]]:
+    """Predicted answer tokens of each request's locality prompts (take it before editing)."""
+    plan = _plan(requests)
+    scores = score_pairs(model, tok, plan.pairs)
+    per_request = plan.groups.get("locality:answer", [])
+    return [
+        [scores.predicted[j] for j in (per_request[i] if i < len(per_request) else [])]
+        for i in range(len(requests))
+    ]
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    reference: list[list[list[int]]] | None = None,
+) -> dict[str, float | None]:
+    """Mean metrics over `requests`; None where no request has the data for a metric.
+
+    `reference` (from `locality_reference` before the edit) makes locality the EasyEdit
+    agreement with the pre-edit predictions; without it locality is accuracy on the stated
+    answers.
+    """
+    plan = _plan(requests)
+    if not plan.pairs:
+        return {}
+    s = score_pairs(model, tok, plan.pairs)
+    g = plan.groups
+
+    def per(metric: str, i: int) -> list[int]:
+        return g[metric][i] if metric in g and i < len(g[metric]) else []
+
+    out: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "reliability",
+            "generalization",
+            "locality",
+            "portability",
+            "efficacy",
+            "efficacy_magnitude",
+            "paraphrase",
+            "neighborhood",
+            "neighborhood_magnitude",
+        )
+    }
+    for i in range(len(requests)):
+        out["reliability"] += [s.accuracy(j) for j in per("rewrite:new", i)]
+        out["generalization"] += [s.accuracy(j) for j in per("paraphrase:new", i)]
+        out["portability"] += [s.accuracy(j) for j in per("portability", i)]
+        for k, j in enumerate(per("locality:answer", i)):
+            if reference is None:
+                out["locality"].append(s.accuracy(j))
+            else:
+                before = reference[i][k]
+                same = sum(a == b for a, b in zip(s.predicted[j], before, strict=True))
+                out["locality"].append(same / len(before))
+        for new, true in zip(per("rewrite:new", i), per("rewrite:true", i), strict=False):
+            out["efficacy"].append(float(s.nll[new] < s.nll[true]))
+            out["efficacy_magnitude"].append(math.exp(-s.nll[new]) - math.exp(-s.nll[true]))
+        for new, true in zip(per("paraphrase:new", i), per("paraphrase:true", i), strict=False):
+            out["paraphrase"].append(float(s.nll[new] < s.nll[true]))
+        for true, new in zip(per("locality:answer", i), per("locality:new", i), strict=False):
+            out["neighborhood"].append(float(s.nll[true] < s.nll[new]))
+            out["neighborhood_magnitude"].append(math.exp(-s.nll[true]) - math.exp(-s.nll[new]))
+    return {k: _mean(v) for k, v in out.items()}
+
+
+def ngram_entropy(
+    text: str, ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)
+) -> float:
+    """ROME's fluency measure: weighted mean of the n-gram frequency entropies (bits)."""
+    words = text.split()
+    entropies = []
+    for n in ns:
+        grams = Counter(tuple(words[i : i + n]) for i in range(max(0, len(words) - n + 1)))
+        total = sum(grams.values())
+        entropies.append(
+            -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        )
+    return sum(w * e for w, e in zip(weights, entropies, strict=True)) / sum(weights)
+
+
+@torch.no_grad()
+def fluency(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int = 50,
+) -> float:
+    """Mean n-gram entropy of greedy continuations of `prompts` (one batched generate)."""
+    device = next(model.parameters()).device
+    pad = pad_id_of(tok)
+    rows = [encode_prompt(tok, p) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+    )
+    texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    return sum(ngram_entropy(t) for t in texts) / len(texts)

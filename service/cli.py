@@ -1,0 +1,136 @@
+"""`editserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from editors import EditError, EditRequest, apply_patch
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects name=value, got {pair!r}")
+        out[name] = _parse_value(value)
+    return out
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    import torch
+
+    from editors.editor import Editor, corpus_statistics
+    from editors.model_spec import num_layers
+    from editors.models import load_model
+
+    from .progress import progress_bar
+
+    try:
+        request = EditRequest(prompt=args.prompt, subject=args.subject, target_new=args.target)
+    except EditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model, tok = load_model(args.model, Path(args.cache_dir) if args.cache_dir else None)
+    cache = Path(args.cache_dir or Path.home() / ".cache" / "editserve") / "stats"
+
+    def answer() -> str:
+        ids = tok(request.text, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(
+                **ids,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    print(f"before: {request.text}{answer()}")
+    with progress_bar("statistics") as bar:
+        stats = corpus_statistics(model, tok, cache, args.corpus, args.samples, progress=bar)
+        editor = Editor(model, tok, stats)
+        try:
+            hparams = editor.hparams(args.method, _overrides(args.set))
+            stats.prepare(hparams.edited_layers(num_layers(model, editor.spec)))
+        except EditError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    with progress_bar(f"{args.method} edit") as bar:
+        try:
+            result = editor.compute([request], args.method, _overrides(args.set), progress=bar)
+        except EditError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    apply_patch(model, result.patch)
+    print(f"after:  {request.text}{answer()}")
+    d = result.diagnostics
+    print(
+        json.dumps(
+            {
+                "method": d.method,
+                "layers": d.layers,
+                "steps": d.steps,
+                "prob_before": d.prob_before,
+                "prob_after": d.prob_after,
+                "seconds": {k: round(v, 2) for k, v in d.seconds.items()},
+                "patch_sha256": result.patch.sha256,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="editserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    edit = sub.add_parser(
+        "edit", help="apply one edit to the model and show its answer before and after"
+    )
+    edit.add_argument(
+        "--prompt",
+        default="The mother tongue of {} is",
+        help="prompt with {} for the subject (or the subject spelled out)",
+    )
+    edit.add_argument("--subject", default="Danielle Darrieux")
+    edit.add_argument("--target", default="English", help="the new answer")
+    edit.add_argument("--method", default="rome")
+    edit.add_argument(
+        "--model", default="smollm2-135m-instruct", help="built-in name, local folder or hub id"
+    )
+    edit.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="hyperparameter override (repeatable)",
+    )
+    edit.add_argument(
+        "--corpus",
+        help="text or JSONL file for statistics (default: text the model samples itself)",
+    )
+    edit.add_argument("--samples", type=int, default=20_000, help="statistics sample count")
+    edit.add_argument("--cache-dir", help="models and statistics cache (~/.cache/editserve)")
+    edit.add_argument("--max-new-tokens", type=int, default=12)
+    edit.set_defaults(func=cmd_edit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
