@@ -57,8 +57,9 @@ class Patch:
                 tensors[f"{name}::right"] = delta.right.float().contiguous()
             else:
                 tensors[f"{name}::dense"] = delta.float().contiguous()
-        meta = {"method": self.method, "metadata": json.dumps(self.metadata, sort_keys=True)}
-        return st_save(tensors, metadata=meta)
+        # one metadata key: safetensors writes several in no fixed order, breaking the hash
+        header = json.dumps({"method": self.method, "metadata": self.metadata}, sort_keys=True)
+        return st_save(tensors, metadata={"editserve": header})
 
     @property
     def sha256(self) -> str:
@@ -82,7 +83,7 @@ class Patch:
             name: FactoredDelta(p["left"], p["right"]) if "left" in p else p["dense"]
             for name, p in parts.items()
         }
-        return cls(meta.get("method", ""), deltas, json.loads(meta.get("metadata", "{}")))
+        return cls(meta.get("method", ""), deltas, dict(meta.get("metadata", {})))
 
     def merged(self, other: Patch) -> Patch:
         """One patch with both patches' deltas (factored deltas concatenate their ranks)."""
@@ -101,10 +102,10 @@ class Patch:
         return Patch(self.method, deltas, {**self.metadata, **other.metadata})
 
 
-def _read_metadata(data: bytes) -> dict[str, str]:
+def _read_metadata(data: bytes) -> dict:
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + header_len])
-    return header.get("__metadata__", {}) or {}
+    return json.loads((header.get("__metadata__") or {}).get("editserve", "{}"))
 
 
 @dataclass

@@ -100,7 +100,7 @@ def gpt2_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
     folder = Path(folder)
     vocab = folder / ("encoder.json" if (folder / "encoder.json").is_file() else "vocab.json")
     merges = folder / ("vocab.bpe" if (folder / "vocab.bpe").is_file() else "merges.txt")
-    tok = tf.GPT2TokenizerFast(vocab_file=str(vocab), merges_file=str(merges))
+    tok = tf.GPT2TokenizerFast(vocab=str(vocab), merges=str(merges))
     tok.pad_token = tok.eos_token
     return tok
 

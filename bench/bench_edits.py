@@ -1,0 +1,117 @@
+"""Edit N CounterFact cases on a real model and print JSON figures.
+
+    python bench/bench_edits.py --method rome --cases 100             # each edit alone, reverted
+    python bench/bench_edits.py --method memit --cases 100 --batch    # all N as one batch
+
+Timings exclude the one-time statistics and context-prefix sampling. Tune on
+--split train; report on --split edit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from editors import EditRequest, apply_patch, revert_patch
+from editors.editor import Editor, corpus_statistics
+from editors.metrics import evaluate, locality_reference
+from editors.model_spec import num_layers
+from editors.models import default_cache_dir, load_model
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact"
+
+
+def counterfact_requests(split: str, count: int, start: int = 0) -> list[EditRequest]:
+    with open(DATA / f"counterfact-{split}.json", encoding="utf-8") as handle:
+        records = json.load(handle)[start : start + count]
+    return [
+        EditRequest(
+            prompt=r["prompt"],
+            subject=r["subject"],
+            target_new=r["target_new"],
+            target_true=r["ground_truth"],
+            paraphrases=(r["rephrase_prompt"],),
+            locality=((r["locality_prompt"], r["locality_ground_truth"]),),
+            case_id=str(r["case_id"]),
+        )
+        for r in records
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--method", default="rome")
+    parser.add_argument("--cases", type=int, default=100)
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--split", default="edit", choices=["train", "edit", "val"])
+    parser.add_argument("--batch", action="store_true", help="all cases as one edit")
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--samples", type=int, default=20_000)
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    args = parser.parse_args()
+    overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
+
+    model, tok = load_model(args.model)
+    requests = counterfact_requests(args.split, args.cases, args.start)
+    stats = corpus_statistics(model, tok, default_cache_dir() / "stats", samples=args.samples)
+    editor = Editor(model, tok, stats)
+    hparams = editor.hparams(args.method, overrides)
+    stats.prepare(hparams.edited_layers(num_layers(model, editor.spec)))
+    editor.prefixes(hparams)
+
+    reference = locality_reference(model, tok, requests)
+    baseline = evaluate(model, tok, requests, reference)
+    seconds: list[float] = []
+    per_case: list[dict] = []
+    if args.batch:
+        started = time.perf_counter()
+        result = editor.compute(requests, args.method, overrides)
+        seconds.append(time.perf_counter() - started)
+        applied = apply_patch(model, result.patch)
+        metrics = evaluate(model, tok, requests, reference)
+        revert_patch(model, applied)
+    else:
+        for i, request in enumerate(tqdm(requests, desc=f"{args.method} edits", file=sys.stderr)):
+            started = time.perf_counter()
+            result = editor.compute([request], args.method, overrides)
+            seconds.append(time.perf_counter() - started)
+            applied = apply_patch(model, result.patch)
+            per_case.append(evaluate(model, tok, [request], [reference[i]]))
+            revert_patch(model, applied)
+        metrics = {
+            k: statistics.mean(c[k] for c in per_case if c[k] is not None)
+            for k in per_case[0]
+            if any(c[k] is not None for c in per_case)
+        }
+    print(
+        json.dumps(
+            {
+                "method": args.method,
+                "model": args.model,
+                "split": args.split,
+                "cases": len(requests),
+                "mode": "batch" if args.batch else "single",
+                "hparams": {k: v for k, v in vars(hparams).items()},
+                "seconds_per_edit_mean": statistics.mean(seconds)
+                / (len(requests) if args.batch else 1),
+                "seconds_per_edit_median": statistics.median(seconds)
+                / (len(requests) if args.batch else 1),
+                "seconds_total": sum(seconds),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "metrics": metrics,
+                "baseline": baseline,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Shared fixtures: the project's own small models, and the real pretrained ones."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from editors import EditRequest
+from editors.editor import Editor, corpus_statistics
+from editors.models import default_cache_dir, load_model
+from editors.tiny import gpt2_tokenizer, load_facts, train_fact_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+CACHE = Path(os.environ.get("EDITSERVE_CACHE_DIR", default_cache_dir()))
+# one statistics budget for all real-model tests: enough for a full-rank C, one sampling round
+REAL_MODEL_STATS_SAMPLES = 8_000
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def shared(path: str) -> Path:
+    full = DATA / path
+    if not full.exists():
+        pytest.fail(f"benchmark data missing: {full} (../shared/data must sit beside the repo)")
+    return full
+
+
+def counterfact(split: str, count: int, start: int = 0) -> list[dict]:
+    with shared(f"counterfact/counterfact-{split}.json").open(encoding="utf-8") as handle:
+        return json.load(handle)[start : start + count]
+
+
+def request_of(record: dict) -> EditRequest:
+    return EditRequest(
+        prompt=record["prompt"],
+        subject=record["subject"],
+        target_new=record["target_new"],
+        target_true=record["ground_truth"],
+        paraphrases=(record["rephrase_prompt"],),
+        locality=((record["locality_prompt"], record["locality_ground_truth"]),),
+    )
+
+
+def weights_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, snapshot[name]), f"{name} changed"
+
+
+@pytest.fixture(scope="session")
+def gpt2_tok():
+    return gpt2_tokenizer(shared("tokenizers/gpt2"))
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    """A small real-text corpus (CounterFact train prompts) for statistics of tiny models."""
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    lines = [
+        f"{r['prompt']} {r['ground_truth']}. {r['rephrase_prompt']}"
+        for r in counterfact("train", 600, start=1000)
+    ]
+    path.write_text("\n\n".join(lines), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def fact_facts() -> list[dict]:
+    return load_facts(shared("counterfact/counterfact-train.json"), 60)
+
+
+@pytest.fixture(scope="session")
+def fact_model(fact_facts):
+    return train_fact_model(fact_facts)
+
+
+@pytest.fixture(scope="session")
+def fact_editor(fact_model, tmp_path_factory, corpus_file):
+    model, tok = fact_model
+    stats = corpus_statistics(
+        model, tok, tmp_path_factory.mktemp("stats"), corpus_file, samples=4_000
+    )
+    return Editor(model, tok, stats)
+
+
+def _real_editor(name: str) -> Editor:
+    model, tok = load_model(name, CACHE)
+    stats = corpus_statistics(model, tok, CACHE / "stats", samples=REAL_MODEL_STATS_SAMPLES)
+    editor = Editor(model, tok, stats)
+    layers = sorted(
+        {
+            layer
+            for method in ("rome", "memit")
+            for layer in editor.hparams(method).edited_layers(
+                len(model.get_submodule(editor.spec.layers))
+            )
+        }
+    )
+    stats.prepare(layers)  # one pass for every layer the tests edit
+    return editor
+
+
+@pytest.fixture(scope="session", params=["smollm2-135m-instruct", "gemma3-270m"])
+def real_editor(request) -> Editor:
+    return _real_editor(request.param)
