@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import subprocess
 import sys
 import zipfile
@@ -47,7 +48,8 @@ BUILTIN: dict[str, GgufSource] = {
 
 
 def default_cache_dir() -> Path:
-    return Path.home() / ".cache" / "editserve"
+    """`$EDITSERVE_CACHE_DIR`, else ~/.cache/editserve (models, wheels, statistics)."""
+    return Path(os.environ.get("EDITSERVE_CACHE_DIR", Path.home() / ".cache" / "editserve"))
 
 
 def _installed_member(member: str) -> Path | None:

@@ -33,7 +33,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     from editors.editor import Editor, corpus_statistics
     from editors.model_spec import num_layers
-    from editors.models import load_model
+    from editors.models import default_cache_dir, load_model
 
     from .progress import progress_bar
 
@@ -43,7 +43,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model, tok = load_model(args.model, Path(args.cache_dir) if args.cache_dir else None)
-    cache = Path(args.cache_dir or Path.home() / ".cache" / "editserve") / "stats"
+    cache = (Path(args.cache_dir) if args.cache_dir else default_cache_dir()) / "stats"
 
     def answer() -> str:
         ids = tok(request.text, return_tensors="pt")

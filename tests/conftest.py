@@ -16,7 +16,7 @@ from editors.tiny import gpt2_tokenizer, load_facts, train_fact_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-CACHE = Path(os.environ.get("EDITSERVE_CACHE_DIR", default_cache_dir()))
+CACHE = default_cache_dir()
 # one statistics budget for all real-model tests: enough for a full-rank C, one sampling round
 REAL_MODEL_STATS_SAMPLES = 8_000
 

@@ -1,0 +1,98 @@
+"""`editserve edit` end to end on a local model folder, and its bad-input exit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from service.cli import main
+
+
+@pytest.fixture(scope="module")
+def fact_model_folder(fact_model, tmp_path_factory):
+    model, tok = fact_model
+    folder = tmp_path_factory.mktemp("fact-model")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_edit_prints_answers_before_and_after(
+    fact_model_folder, fact_facts, corpus_file, tmp_path, capsys
+):
+    fact = fact_facts[0]
+    code = main(
+        [
+            "edit",
+            "--model",
+            str(fact_model_folder),
+            "--prompt",
+            fact["prompt"],
+            "--subject",
+            fact["subject"],
+            "--target",
+            fact["target_new"],
+            "--corpus",
+            str(corpus_file),
+            "--samples",
+            "2000",
+            "--cache-dir",
+            str(tmp_path),
+            "--max-new-tokens",
+            "2",
+            "--set",
+            "steps=10",
+        ]
+    )
+    out = capsys.readouterr()
+    assert code == 0
+    before, after = (
+        line for line in out.out.splitlines() if line.startswith(("before:", "after:"))
+    )
+    assert fact["ground_truth"] in before
+    assert after.startswith("after:")
+    summary = json.loads(out.out[out.out.index("{") :])
+    assert summary["method"] == "rome" and summary["steps"] <= 10
+    assert summary["prob_after"][0] > summary["prob_before"][0]
+    assert len(summary["patch_sha256"]) == 64
+    assert "statistics" in out.err  # progress bars go to stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt", "No subject here", "--subject", "Paris"], "prompt"),
+        (["--target", " "], "target_new"),
+    ],
+)
+def test_bad_request_exits_2_before_loading_anything(args, message, capsys, tmp_path):
+    code = main(["edit", "--model", str(tmp_path / "never-loaded"), *args])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_hyperparameter_is_refused(fact_model_folder, corpus_file, tmp_path, capsys):
+    code = main(
+        [
+            "edit",
+            "--model",
+            str(fact_model_folder),
+            "--prompt",
+            "{} plays the",
+            "--subject",
+            "Toko",
+            "--target",
+            "piano",
+            "--corpus",
+            str(corpus_file),
+            "--samples",
+            "500",
+            "--cache-dir",
+            str(tmp_path),
+            "--set",
+            "nonsense=1",
+        ]
+    )
+    assert code == 2
+    assert "nonsense" in capsys.readouterr().err

@@ -1,0 +1,91 @@
+"""Editing a small GPT-2 (Conv1D weights) the project trains on real CounterFact facts.
+
+A model this small memorises its facts as a lookup at the answer position rather than as
+attributes written at the subject (where real LMs keep them and ROME edits), so an edit here
+raises the new target's probability by orders of magnitude without always overturning a
+memorised answer. The flip-the-fact behaviour is asserted on real LMs (test_real_models.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from editors import EditRequest, apply_patch, revert_patch
+from editors.metrics import score_pairs
+
+from .conftest import assert_same_weights, weights_snapshot
+
+
+def _request(fact: dict) -> EditRequest:
+    return EditRequest(
+        prompt=fact["prompt"],
+        subject=fact["subject"],
+        target_new=fact["target_new"],
+        target_true=fact["ground_truth"],
+    )
+
+
+def _accuracy(model, tok, pairs) -> float:
+    scores = score_pairs(model, tok, pairs)
+    return sum(scores.accuracy(i) for i in range(len(pairs))) / len(pairs)
+
+
+def test_the_trained_model_knows_its_facts(fact_model, fact_facts):
+    model, tok = fact_model
+    assert _accuracy(model, tok, [(f["prompt"], f["ground_truth"]) for f in fact_facts]) == 1.0
+
+
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_edit_raises_the_target_and_keeps_other_facts(fact_editor, fact_facts, method):
+    model, tok = fact_editor.model, fact_editor.tok
+    edited, others = fact_facts[:3], fact_facts[3:]
+    requests = [_request(f) for f in edited]
+    pairs = [(f["prompt"], f["target_new"]) for f in edited]
+    before = score_pairs(model, tok, pairs).nll
+    snapshot = weights_snapshot(model)
+    result = fact_editor.compute(requests, method)
+    assert_same_weights(model, snapshot)
+    applied = apply_patch(model, result.patch)
+    try:
+        after = score_pairs(model, tok, pairs).nll
+        # P(target_new) grows at least 10x for every edited fact
+        assert all(b - a > 2.3 for a, b in zip(after, before, strict=True)), (before, after)
+        kept = _accuracy(model, tok, [(f["prompt"], f["ground_truth"]) for f in others])
+        assert kept >= 0.9
+    finally:
+        revert_patch(model, applied)
+    assert_same_weights(model, snapshot)
+
+
+def test_same_seed_same_patch_bit_for_bit(fact_editor, fact_facts):
+    request = _request(fact_facts[3])
+    first = fact_editor.compute([request], "rome", {"seed": 7})
+    fact_editor._prefixes.clear()  # sample the prefixes again, from the seed
+    second = fact_editor.compute([request], "rome", {"seed": 7})
+    assert first.patch.to_bytes() == second.patch.to_bytes()
+    assert first.diagnostics.prefixes == second.diagnostics.prefixes
+    replayed = fact_editor.compute(
+        [request], "rome", {"seed": 7}, prefixes=first.diagnostics.prefixes
+    )
+    assert replayed.patch.sha256 == first.patch.sha256
+    other_seed = fact_editor.compute([request], "rome", {"seed": 8})
+    assert other_seed.diagnostics.prefixes != first.diagnostics.prefixes
+
+
+def test_several_rome_requests_edit_one_after_another(fact_editor, fact_facts):
+    batch = [_request(f) for f in fact_facts[10:13]]
+    result = fact_editor.compute(batch, "rome")
+    (name,) = result.patch.deltas
+    assert result.patch.deltas[name].rank == 3
+    assert len(result.diagnostics.prob_after) == 3
+
+
+def test_diagnostics_report_the_work(fact_editor, fact_facts):
+    result = fact_editor.compute([_request(fact_facts[5])], "rome")
+    d = result.diagnostics
+    assert d.method == "rome" and len(d.layers) == 1
+    assert 0 < d.steps <= 25 and len(d.losses) == d.steps
+    assert d.prob_after[0] > d.prob_before[0]
+    assert d.prefixes[0] == "" and len(d.prefixes) == 6
+    assert all(v > 0 for v in d.delta_norms.values())
+    assert {"keys", "values", "update", "total"} <= set(d.seconds)

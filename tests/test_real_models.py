@@ -1,0 +1,74 @@
+"""Behaviour on real pretrained LMs: SmolLM2-135M-Instruct (Llama family) and Gemma 3 270M.
+
+The same tests run on both models (the `real_editor` fixture is parametrised)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editors import EditRequest, apply_patch, revert_patch
+from editors.metrics import evaluate, locality_reference
+
+from .conftest import assert_same_weights, counterfact, request_of, weights_snapshot
+
+pytestmark = pytest.mark.slow
+
+DARRIEUX = EditRequest(
+    prompt="The mother tongue of {} is",
+    subject="Danielle Darrieux",
+    target_new="English",
+    target_true="French",
+)
+
+
+def _greedy(editor, text: str, tokens: int = 6) -> str:
+    ids = editor.tok(text, return_tensors="pt")
+    with torch.no_grad():
+        out = editor.model.generate(
+            **ids, max_new_tokens=tokens, do_sample=False, pad_token_id=editor.tok.pad_token_id
+        )
+    return editor.tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_rome_changes_what_the_model_says_and_reverts_exactly(real_editor):
+    snapshot = weights_snapshot(real_editor.model)
+    assert "English" not in _greedy(real_editor, DARRIEUX.text)
+    result = real_editor.compute([DARRIEUX], "rome")
+    applied = apply_patch(real_editor.model, result.patch)
+    try:
+        assert _greedy(real_editor, DARRIEUX.text).strip().startswith("English")
+        assert "Paris" in _greedy(real_editor, "The Eiffel Tower is located in the city of")
+    finally:
+        revert_patch(real_editor.model, applied)
+    assert_same_weights(real_editor.model, snapshot)
+
+
+@pytest.mark.parametrize("method", ["rome", "memit"])
+def test_counterfact_cases(real_editor, method):
+    """Efficacy and locality on real CounterFact cases (train split: used for tuning)."""
+    requests = [request_of(r) for r in counterfact("train", 6, start=200)]
+    reference = locality_reference(real_editor.model, real_editor.tok, requests)
+    if method == "memit":
+        result = real_editor.compute(requests, "memit")
+        applied = apply_patch(real_editor.model, result.patch)
+        scores = evaluate(real_editor.model, real_editor.tok, requests, reference)
+        revert_patch(real_editor.model, applied)
+        efficacy, locality = scores["efficacy"], scores["locality"]
+    else:
+        per_case = []
+        for request, ref in zip(requests, reference, strict=True):
+            result = real_editor.compute([request], "rome")
+            applied = apply_patch(real_editor.model, result.patch)
+            per_case.append(evaluate(real_editor.model, real_editor.tok, [request], [ref]))
+            revert_patch(real_editor.model, applied)
+        efficacy = sum(c["efficacy"] for c in per_case) / len(per_case)
+        locality = sum(c["locality"] for c in per_case) / len(per_case)
+    assert efficacy >= 5 / 6
+    assert locality >= 0.8
+
+
+def test_patch_is_deterministic_on_cpu(real_editor):
+    first = real_editor.compute([DARRIEUX], "rome")
+    second = real_editor.compute([DARRIEUX], "rome")
+    assert first.patch.sha256 == second.patch.sha256
