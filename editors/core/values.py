@@ -294,7 +294,11 @@ def optimise_residual_targets(
         result.steps = step + 1
         if progress:
             progress((step + 1) / options.steps, "optimise target values")
-        done = nll.detach() < options.stop_nll
+        # a request is done when every one of its contexts (not just their mean) says the target
+        worst = torch.zeros(n, device=device).index_reduce(
+            0, rows.request, row_nll.detach(), "amax", include_self=False
+        )
+        done = worst[active] < options.stop_nll
         if bool(done.all()) or step == options.steps - 1:
             break
         optimizer.zero_grad()
