@@ -19,30 +19,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from editors import EditRequest, apply_patch, revert_patch
+from editors import apply_patch, revert_patch
+from editors.datasets import load_counterfact
 from editors.editor import Editor, corpus_statistics
 from editors.metrics import evaluate, locality_reference
 from editors.model_spec import num_layers
 from editors.models import default_cache_dir, load_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact"
-
-
-def counterfact_requests(split: str, count: int, start: int = 0) -> list[EditRequest]:
-    with open(DATA / f"counterfact-{split}.json", encoding="utf-8") as handle:
-        records = json.load(handle)[start : start + count]
-    return [
-        EditRequest(
-            prompt=r["prompt"],
-            subject=r["subject"],
-            target_new=r["target_new"],
-            target_true=r["ground_truth"],
-            paraphrases=(r["rephrase_prompt"],),
-            locality=((r["locality_prompt"], r["locality_ground_truth"]),),
-            case_id=str(r["case_id"]),
-        )
-        for r in records
-    ]
 
 
 def main() -> None:
@@ -59,7 +43,7 @@ def main() -> None:
     overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
 
     model, tok = load_model(args.model)
-    requests = counterfact_requests(args.split, args.cases, args.start)
+    requests = load_counterfact(DATA / f"counterfact-{args.split}.json", args.cases, args.start)
     stats = corpus_statistics(model, tok, default_cache_dir() / "stats", samples=args.samples)
     editor = Editor(model, tok, stats)
     hparams = editor.hparams(args.method, overrides)

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .core.context import edit_context
 from .core.keys import compute_keys, residual_at_subject
 from .core.mlp_values import mlp_output_change
 from .core.updates import least_squares_update
 from .core.values import ProgressFn, optimise_residual_targets
 from .errors import UnknownHyperparameterError
 from .hparams import LocateEditHyperParams, check_layers, layer_at
-from .model_spec import ModelSpec, detect_spec, edited_weight, num_layers
+from .model_spec import ModelSpec, edited_weight
 from .patch import AppliedPatch, Patch, apply_patch, revert_patch
-from .prefixes import sample_prefixes
 from .requests import EditRequest
 from .result import Diagnostics, EditResult
 from .stats import Statistics
@@ -75,15 +75,10 @@ def compute(
     prefixes: list[str] | None = None,
 ) -> EditResult:
     """Edit all `requests` at once; `prefixes` (from an earlier result) skip sampling."""
-    spec = detect_spec(model, spec)
-    layers = hparams.resolved_layers(num_layers(model, spec))
-    top = layers[-1]
     started = time.perf_counter()
-    stats.prepare(layers)
-    if prefixes is None:
-        prefixes = sample_prefixes(
-            model, tok, hparams.prefixes, hparams.prefix_length, hparams.seed
-        )
+    context = edit_context(model, tok, hparams, stats, spec, prefixes)
+    spec, layers, prefixes = context.spec, context.layers, context.prefixes
+    top = layers[-1]
     diagnostics = Diagnostics(method="memit", layers=layers, prefixes=prefixes)
     t0 = time.perf_counter()
     diagnostics.seconds["prepare"] = t0 - started

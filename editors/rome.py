@@ -18,15 +18,15 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .core.context import edit_context
 from .core.keys import compute_keys
 from .core.mlp_values import mlp_output_change
 from .core.updates import rank_one_update
 from .core.values import ProgressFn, optimise_residual_targets
 from .errors import UnknownHyperparameterError
 from .hparams import LocateEditHyperParams, check_layers, layer_at
-from .model_spec import ModelSpec, detect_spec, edited_weight, num_layers
+from .model_spec import ModelSpec, edited_weight
 from .patch import AppliedPatch, Patch, apply_patch, revert_patch
-from .prefixes import sample_prefixes
 from .requests import EditRequest
 from .result import Diagnostics, EditResult
 from .stats import Statistics
@@ -67,14 +67,9 @@ def compute(
     prefixes: list[str] | None = None,
 ) -> EditResult:
     """Edit `requests` one after another; `prefixes` (from an earlier result) skip sampling."""
-    spec = detect_spec(model, spec)
-    layer = hparams.resolved_layer(num_layers(model, spec))
     started = time.perf_counter()
-    stats.prepare([layer])
-    if prefixes is None:
-        prefixes = sample_prefixes(
-            model, tok, hparams.prefixes, hparams.prefix_length, hparams.seed
-        )
+    context = edit_context(model, tok, hparams, stats, spec, prefixes)
+    spec, (layer,), prefixes = context.spec, context.layers, context.prefixes
     diagnostics = Diagnostics(method="rome", layers=[layer], prefixes=prefixes)
     diagnostics.seconds["prepare"] = time.perf_counter() - started
     patch: Patch | None = None

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from editors import EditRequest
 from editors.editor import Editor, corpus_statistics
 from editors.models import default_cache_dir, load_model
 from editors.tiny import gpt2_tokenizer, load_facts, train_fact_model
@@ -33,17 +32,6 @@ def shared(path: str) -> Path:
 def counterfact(split: str, count: int, start: int = 0) -> list[dict]:
     with shared(f"counterfact/counterfact-{split}.json").open(encoding="utf-8") as handle:
         return json.load(handle)[start : start + count]
-
-
-def request_of(record: dict) -> EditRequest:
-    return EditRequest(
-        prompt=record["prompt"],
-        subject=record["subject"],
-        target_new=record["target_new"],
-        target_true=record["ground_truth"],
-        paraphrases=(record["rephrase_prompt"],),
-        locality=((record["locality_prompt"], record["locality_ground_truth"]),),
-    )
 
 
 def weights_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -10,19 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from editors import EditRequest, apply_patch, revert_patch
+from editors import apply_patch, revert_patch
+from editors.datasets import counterfact_request
 from editors.metrics import score_pairs
 
 from .conftest import assert_same_weights, weights_snapshot
-
-
-def _request(fact: dict) -> EditRequest:
-    return EditRequest(
-        prompt=fact["prompt"],
-        subject=fact["subject"],
-        target_new=fact["target_new"],
-        target_true=fact["ground_truth"],
-    )
 
 
 def _accuracy(model, tok, pairs) -> float:
@@ -39,7 +31,7 @@ def test_the_trained_model_knows_its_facts(fact_model, fact_facts):
 def test_edit_raises_the_target_and_keeps_other_facts(fact_editor, fact_facts, method):
     model, tok = fact_editor.model, fact_editor.tok
     edited, others = fact_facts[:3], fact_facts[3:]
-    requests = [_request(f) for f in edited]
+    requests = [counterfact_request(f) for f in edited]
     pairs = [(f["prompt"], f["target_new"]) for f in edited]
     before = score_pairs(model, tok, pairs).nll
     snapshot = weights_snapshot(model)
@@ -58,7 +50,7 @@ def test_edit_raises_the_target_and_keeps_other_facts(fact_editor, fact_facts, m
 
 
 def test_same_seed_same_patch_bit_for_bit(fact_editor, fact_facts):
-    request = _request(fact_facts[3])
+    request = counterfact_request(fact_facts[3])
     first = fact_editor.compute([request], "rome", {"seed": 7})
     fact_editor._prefixes.clear()  # sample the prefixes again, from the seed
     second = fact_editor.compute([request], "rome", {"seed": 7})
@@ -73,7 +65,7 @@ def test_same_seed_same_patch_bit_for_bit(fact_editor, fact_facts):
 
 
 def test_several_rome_requests_edit_one_after_another(fact_editor, fact_facts):
-    batch = [_request(f) for f in fact_facts[10:13]]
+    batch = [counterfact_request(f) for f in fact_facts[10:13]]
     result = fact_editor.compute(batch, "rome")
     (name,) = result.patch.deltas
     assert result.patch.deltas[name].rank == 3
@@ -81,7 +73,7 @@ def test_several_rome_requests_edit_one_after_another(fact_editor, fact_facts):
 
 
 def test_diagnostics_report_the_work(fact_editor, fact_facts):
-    result = fact_editor.compute([_request(fact_facts[5])], "rome")
+    result = fact_editor.compute([counterfact_request(fact_facts[5])], "rome")
     d = result.diagnostics
     assert d.method == "rome" and len(d.layers) == 1
     assert 0 < d.steps <= 25 and len(d.losses) == d.steps

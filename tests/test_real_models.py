@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from editors import EditRequest, apply_patch, revert_patch
+from editors.datasets import counterfact_request
 from editors.metrics import evaluate, locality_reference
 
-from .conftest import assert_same_weights, counterfact, request_of, weights_snapshot
+from .conftest import assert_same_weights, counterfact, weights_snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +48,7 @@ def test_rome_changes_what_the_model_says_and_reverts_exactly(real_editor):
 @pytest.mark.parametrize("method", ["rome", "memit"])
 def test_counterfact_cases(real_editor, method):
     """Efficacy and locality on real CounterFact cases (train split: used for tuning)."""
-    requests = [request_of(r) for r in counterfact("train", 6, start=200)]
+    requests = [counterfact_request(r) for r in counterfact("train", 6, start=200)]
     reference = locality_reference(real_editor.model, real_editor.tok, requests)
     if method == "memit":
         result = real_editor.compute(requests, "memit")
