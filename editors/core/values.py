@@ -295,7 +295,7 @@ def optimise_residual_targets(
         if progress:
             progress((step + 1) / options.steps, "optimise target values")
         # a request is done when every one of its contexts (not just their mean) says the target
-        worst = torch.zeros(n, device=device).index_reduce(
+        worst = torch.zeros(n, device=device).scatter_reduce(
             0, rows.request, row_nll.detach(), "amax", include_self=False
         )
         done = worst[active] < options.stop_nll
