@@ -17,6 +17,12 @@ from editors.metrics import score_pairs
 from .conftest import assert_same_weights, weights_snapshot
 
 
+# A memorising model's answers sit at probabilities near 1 - 1e-10: it takes far larger
+# residual changes, and more steps, than a pretrained LM. Its own sampled prefixes are
+# gibberish to it, so the bare prompt is the only context.
+STRONG = {"clamp_norm_factor": 4.0, "steps": 60, "lr": 2.0, "prefixes": 0}
+
+
 def _accuracy(model, tok, pairs) -> float:
     scores = score_pairs(model, tok, pairs)
     return sum(scores.accuracy(i) for i in range(len(pairs))) / len(pairs)
@@ -35,7 +41,7 @@ def test_edit_raises_the_target_and_keeps_other_facts(fact_editor, fact_facts, m
     pairs = [(f["prompt"], f["target_new"]) for f in edited]
     before = score_pairs(model, tok, pairs).nll
     snapshot = weights_snapshot(model)
-    result = fact_editor.compute(requests, method)
+    result = fact_editor.compute(requests, method, STRONG)
     assert_same_weights(model, snapshot)
     applied = apply_patch(model, result.patch)
     try:
