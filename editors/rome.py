@@ -3,7 +3,7 @@
 
 For one fact at layer l:
   k   = prefix-averaged input of the MLP output projection at the subject's last token
-  r   = wanted change of the MLP output there (core.values, mapped by core.mlp_values)
+  r   = wanted change of the MLP output there (core.values, in MLP-output space)
   W' = W + r (C^-1 k)^T / (k_d^T C^-1 k)
 with k_d = k (variant "corrected") or the bare-prompt key (variant "original"; this mismatch
 is what makes original ROME collapse the model on some edits). Several requests are edited
@@ -20,17 +20,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .core.context import edit_context
 from .core.keys import compute_keys
-from .core.mlp_values import mlp_output_change
 from .core.updates import rank_one_update
 from .core.values import ProgressFn, optimise_residual_targets
 from .errors import UnknownHyperparameterError
 from .hparams import LocateEditHyperParams, check_layers, layer_at
-from .model_spec import ModelSpec, edited_weight
+from .model_spec import ModelSpec
 from .patch import AppliedPatch, Patch, apply_patch, revert_patch
 from .requests import EditRequest
 from .result import Diagnostics, EditResult
 from .stats import Statistics
-from .weights import factored, linear_weight
+from .weights import factored
 
 VARIANTS = ("corrected", "original")
 
@@ -116,13 +115,19 @@ def _edit_one(
     keys = compute_keys(model, tok, spec, [request], prefixes, [layer])[layer]
     t1 = time.perf_counter()
     targets = optimise_residual_targets(
-        model, tok, spec, [request], prefixes, layer, hparams.value_options, progress
+        model,
+        tok,
+        spec,
+        [request],
+        prefixes,
+        layer,
+        hparams.value_options,
+        progress,
+        mlp_space=True,
     )
     t2 = time.perf_counter()
-    weight = linear_weight(spec, edited_weight(model, spec, layer))
     key = keys.mean[0]
-    mlp_out = (weight.float() @ key)[None]
-    change = mlp_output_change(model, spec, layer, mlp_out, targets.delta)[0]
+    change = targets.delta[0]  # wanted change of the MLP output at the subject
     denominator_key = key if hparams.variant == "corrected" else keys.bare[0]
     left, right = rank_one_update(stats.inverse(layer), key, change, denominator_key)
     diagnostics.steps += targets.steps

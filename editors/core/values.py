@@ -51,7 +51,7 @@ class ResidualTargets:
 
     layer: int
     delta: torch.Tensor  # [n, d]
-    start: torch.Tensor  # [n, d] block output at the subject, bare prompt
+    start: torch.Tensor  # [n, d] what delta is measured against (bare prompt, subject token)
     losses: list[float] = field(default_factory=list)
     prob_before: list[float] = field(default_factory=list)
     prob_after: list[float] = field(default_factory=list)
@@ -150,8 +150,17 @@ def _logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
 class _UpperStack:
     """Runs the blocks above `layer` on the suffix tokens, prefix held in a KV cache."""
 
-    def __init__(self, model: PreTrainedModel, spec: ModelSpec, layer: int, rows: _Rows):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        spec: ModelSpec,
+        layer: int,
+        rows: _Rows,
+        post_norm: torch.nn.Module | None = None,
+    ):
         self.model = model
+        self.post_norm = post_norm
+        self.mlp_path = spec.mlp_out_path(layer)
         self.backbone = model.base_model
         self.layers = get_module(model, spec.layers)
         self.layer = layer
@@ -190,19 +199,34 @@ class _UpperStack:
 
     def _clean_pass(self):
         captured = {}
-        handle = self.layers[self.layer].register_forward_hook(
-            lambda _m, _a, out: captured.setdefault("out", out)
-        )
+        hooks = [
+            self.layers[self.layer].register_forward_hook(
+                lambda _m, _a, out: captured.setdefault("out", out)
+            ),
+            self.model.get_submodule(self.mlp_path).register_forward_hook(
+                lambda _m, _a, out: captured.setdefault("mlp", out)
+            ),
+        ]
         try:
             hidden = self._call(first_cached_block=0)
         finally:
-            handle.remove()
+            for hook in hooks:
+                hook.remove()
+        self.mlp_out = captured["mlp"][:, 0].detach().float()
         return hidden_of(captured["out"]).detach(), captured["out"], hidden.detach()
 
     def run(self, row_delta: torch.Tensor) -> torch.Tensor:
-        """Final hidden states with `row_delta` [B, d] added at each row's subject token."""
+        """Final hidden states with `row_delta` [B, d] applied at each row's subject token.
+
+        Without a post-norm the delta is added to the block output (= the MLP output's
+        contribution). With one, the delta is added to the MLP output *before* the norm, so
+        only reachable residual changes are sought.
+        """
+        if self.post_norm is not None:
+            norm = self.post_norm
+            row_delta = norm(self.mlp_out + row_delta) - norm(self.mlp_out)
         width = self.block_out.shape[1]
-        bump = F.pad(row_delta.unsqueeze(1), (0, 0, 0, width - 1))
+        bump = F.pad(row_delta.to(self.block_out.dtype).unsqueeze(1), (0, 0, 0, width - 1))
         with frozen_below(self.layers, self.layer, lambda: self.block_out + bump, self.example):
             return self._call(first_cached_block=self.layer + 1)
 
@@ -210,6 +234,7 @@ class _UpperStack:
         """Keep only the rows in `keep` (indices), dropping finished requests' rows."""
         self.rows = _select_rows(self.rows, keep)
         self.block_out = self.block_out[keep]
+        self.mlp_out = self.mlp_out[keep]
         self.clean_hidden = self.clean_hidden[keep]
         if self.cache is not None:
             self.cache.batch_select_indices(keep)
@@ -258,14 +283,21 @@ def optimise_residual_targets(
     layer: int,
     options: ValueOptions,
     progress: ProgressFn | None = None,
+    mlp_space: bool = False,
 ) -> ResidualTargets:
+    """`mlp_space`: seek the change of block `layer`'s MLP output rather than of the block's
+    output. The two are the same unless the family normalises the MLP output before adding it
+    to the residual (Gemma 3), where only the MLP-space change is reachable by its weights."""
     device = next(model.parameters()).device
     n = len(requests)
     rows = _build_rows(tok, requests, prefixes, device)
-    stack = _UpperStack(model, spec, layer, rows)
+    post_norm = None
+    if mlp_space and spec.mlp_post_norm is not None:
+        post_norm = get_module(model, f"{spec.layer_path(layer)}.{spec.mlp_post_norm}")
+    stack = _UpperStack(model, spec, layer, rows, post_norm)
     # the bare-prompt row of each request is its first row
     first_rows = torch.tensor([i * (len(prefixes) + 1) for i in range(n)], device=device)
-    start = stack.block_out[first_rows, 0].float()
+    start = (stack.mlp_out if post_norm is not None else stack.block_out[:, 0].float())[first_rows]
     max_norm = options.clamp_norm_factor * start.norm(dim=1)
     kl_before = _kl_logprobs(model, rows, stack.clean_hidden).detach()  # [n, V] in order
 
@@ -277,7 +309,7 @@ def optimise_residual_targets(
 
     for step in range(options.steps):
         rows = stack.rows
-        hidden = stack.run(delta[rows.request].to(stack.block_out.dtype))
+        hidden = stack.run(delta[rows.request])
         row_nll = _row_answer_nll(model, rows, hidden)
         counts = torch.zeros(n, device=device).index_add(0, rows.request, (~rows.is_kl).float())
         nll = torch.zeros(n, device=device).index_add(0, rows.request, row_nll)
