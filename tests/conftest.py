@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -79,6 +80,7 @@ def fact_editor(fact_model, tmp_path_factory, corpus_file):
     return Editor(model, tok, stats)
 
 
+@functools.cache
 def _real_editor(name: str) -> Editor:
     model, tok = load_model(name, CACHE)
     stats = corpus_statistics(model, tok, CACHE / "stats", samples=REAL_MODEL_STATS_SAMPLES)
@@ -99,3 +101,8 @@ def _real_editor(name: str) -> Editor:
 @pytest.fixture(scope="session", params=["smollm2-135m-instruct", "gemma3-270m"])
 def real_editor(request) -> Editor:
     return _real_editor(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2_editor() -> Editor:
+    return _real_editor("smollm2-135m-instruct")

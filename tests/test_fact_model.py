@@ -16,7 +16,6 @@ from editors.metrics import score_pairs
 
 from .conftest import assert_same_weights, weights_snapshot
 
-
 # A memorising model's answers sit at probabilities near 1 - 1e-10: it takes far larger
 # residual changes, and more steps, than a pretrained LM. Its own sampled prefixes are
 # gibberish to it, so the bare prompt is the only context.
