@@ -22,6 +22,7 @@ from tqdm import tqdm
 from editors import apply_patch, revert_patch
 from editors.datasets import load_counterfact
 from editors.editor import Editor, corpus_statistics
+from editors.hparams import parse_overrides
 from editors.metrics import evaluate, locality_reference
 from editors.model_spec import num_layers
 from editors.models import default_cache_dir, load_model
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=20_000)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
-    overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
+    overrides = parse_overrides(args.set)
 
     model, tok = load_model(args.model)
     requests = load_counterfact(DATA / f"counterfact-{args.split}.json", args.cases, args.start)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, TypeVar
 
 from .core.values import ValueOptions
@@ -80,6 +81,20 @@ def _coerce(name: str, current: Any, value: Any) -> Any:
     if isinstance(current, str) and not isinstance(value, str):
         raise UnknownHyperparameterError(f"{name} must be a string", field=name)
     return value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`name=value` strings (command lines) to overrides; values are JSON, else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UnknownHyperparameterError(f"expected name=value, got {pair!r}", field=pair)
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
 
 
 def layer_at(fraction: float, n_layers: int) -> int:

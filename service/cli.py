@@ -6,26 +6,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from editors import EditError, EditRequest, apply_patch
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects name=value, got {pair!r}")
-        out[name] = _parse_value(value)
-    return out
+from editors.hparams import parse_overrides
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -61,14 +44,14 @@ def cmd_edit(args: argparse.Namespace) -> int:
         stats = corpus_statistics(model, tok, cache, args.corpus, args.samples, progress=bar)
         editor = Editor(model, tok, stats)
         try:
-            hparams = editor.hparams(args.method, _overrides(args.set))
+            hparams = editor.hparams(args.method, parse_overrides(args.set))
             stats.prepare(hparams.edited_layers(num_layers(model, editor.spec)))
         except EditError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     with progress_bar(f"{args.method} edit") as bar:
         try:
-            result = editor.compute([request], args.method, _overrides(args.set), progress=bar)
+            result = editor.compute([request], args.method, parse_overrides(args.set), progress=bar)
         except EditError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -125,3 +125,15 @@ def test_unknown_family_needs_a_spec(gpt2_tok):
             FixedStatistics({}),
             spec=ModelSpec(family="mystery", layers="model.blocks", mlp_out="mlp.out"),
         ).compute([EditRequest(**GOOD)], "rome", {"layer": 1})
+
+
+def test_command_line_overrides_parse_json_or_text():
+    from editors.hparams import parse_overrides
+
+    assert parse_overrides(["variant=original", "layers=[1, 2]", "lr=0.5"]) == {
+        "variant": "original",
+        "layers": [1, 2],
+        "lr": 0.5,
+    }
+    with pytest.raises(UnknownHyperparameterError):
+        parse_overrides(["steps"])
