@@ -33,8 +33,9 @@ _LLAMA_ROME = {"lr": 1.0, "clamp_norm_factor": 1.0}
 _LLAMA_MEMIT = {
     "lr": 2.0,
     "prefixes": 3,
-    "mom2_update_weight": 2000.0,
-    "span": 8,
+    "mom2_update_weight": 3000.0,
+    "span": 10,
+    "last_layer_fraction": 0.3,
     "stop_nll": 0.02,
     "steps": 30,
 }
