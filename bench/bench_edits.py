@@ -83,7 +83,7 @@ def main() -> None:
                 "split": args.split,
                 "cases": len(requests),
                 "mode": "batch" if args.batch else "single",
-                "hparams": {k: v for k, v in vars(hparams).items()},
+                "hparams": vars(hparams),
                 "seconds_per_edit_mean": statistics.mean(seconds)
                 / (len(requests) if args.batch else 1),
                 "seconds_per_edit_median": statistics.median(seconds)

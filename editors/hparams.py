@@ -57,28 +57,35 @@ def with_overrides(base: H, overrides: dict[str, Any] | None) -> H:
         raise UnknownHyperparameterError(
             f"unknown hyperparameter(s) {unknown}; known: {sorted(fields)}", field=unknown[0]
         )
-    coerced = {name: _coerce(name, getattr(base, name), value) for name, value in overrides.items()}
+    coerced = {
+        name: _coerce(name, str(fields[name].type), value) for name, value in overrides.items()
+    }
     return dataclasses.replace(base, **coerced)  # type: ignore[type-var]
 
 
-def _coerce(name: str, current: Any, value: Any) -> Any:
-    if isinstance(current, tuple) or (current is None and isinstance(value, list | tuple)):
-        if not isinstance(value, list | tuple) or not all(isinstance(v, int) for v in value):
+def _coerce(name: str, declared: str, value: Any) -> Any:
+    """Check `value` against the field's declared type (annotations are strings here)."""
+    if value is None and declared.endswith("| None"):
+        return None
+    if declared.startswith("tuple"):
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
             raise UnknownHyperparameterError(f"{name} must be a list of integers", field=name)
         return tuple(value)
-    if isinstance(current, bool) or isinstance(value, bool):
+    if declared.startswith("bool"):
         if not isinstance(value, bool):
             raise UnknownHyperparameterError(f"{name} must be true or false", field=name)
         return value
-    if isinstance(current, int) or (current is None and isinstance(value, int)):
-        if not isinstance(value, int):
+    if declared.startswith("int"):
+        if not isinstance(value, int) or isinstance(value, bool):
             raise UnknownHyperparameterError(f"{name} must be an integer", field=name)
         return value
-    if isinstance(current, float):
-        if not isinstance(value, int | float):
+    if declared.startswith("float"):
+        if not isinstance(value, int | float) or isinstance(value, bool):
             raise UnknownHyperparameterError(f"{name} must be a number", field=name)
         return float(value)
-    if isinstance(current, str) and not isinstance(value, str):
+    if declared.startswith("str") and not isinstance(value, str):
         raise UnknownHyperparameterError(f"{name} must be a string", field=name)
     return value
 

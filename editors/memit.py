@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .core.context import edit_context
@@ -90,7 +89,7 @@ def compute(
     targets = optimise_residual_targets(
         model, tok, spec, requests, prefixes, top, hparams.value_options, value_progress
     )
-    z = residual_at_subject(model, tok, spec, requests, top) + targets.delta
+    z = targets.start + targets.delta  # wanted output of block `top` at each subject
     diagnostics.seconds["values"] = time.perf_counter() - t0
     diagnostics.steps = targets.steps
     diagnostics.losses = targets.losses
@@ -119,9 +118,6 @@ def compute(
         for record in reversed(applied):
             revert_patch(model, record)
     diagnostics.seconds["update"] = time.perf_counter() - t1
-    diagnostics.delta_norms = {
-        name: float(torch.linalg.norm(delta.dense()))  # type: ignore[union-attr]
-        for name, delta in patch.deltas.items()
-    }
+    diagnostics.delta_norms = patch.delta_norms()
     diagnostics.seconds["total"] = time.perf_counter() - started
     return EditResult(patch, diagnostics)

@@ -92,8 +92,3 @@ def num_layers(model: nn.Module, spec: ModelSpec) -> int:
 
 def edited_weight(model: nn.Module, spec: ModelSpec, layer: int) -> torch.nn.Parameter:
     return get_module(model, spec.mlp_out_path(layer)).weight  # type: ignore[return-value]
-
-
-def to_param_layout(spec: ModelSpec, update: torch.Tensor) -> torch.Tensor:
-    """An update in [out, in] orientation, as the parameter stores it."""
-    return update.T if spec.conv1d else update

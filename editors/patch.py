@@ -85,6 +85,10 @@ class Patch:
         }
         return cls(meta.get("method", ""), deltas, dict(meta.get("metadata", {})))
 
+    def delta_norms(self) -> dict[str, float]:
+        """Frobenius norm of each parameter's delta."""
+        return {name: float(torch.linalg.norm(dense_of(d))) for name, d in self.deltas.items()}
+
     def merged(self, other: Patch) -> Patch:
         """One patch with both patches' deltas (factored deltas concatenate their ranks)."""
         deltas = dict(self.deltas)

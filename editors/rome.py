@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .core.context import edit_context
@@ -91,10 +90,7 @@ def compute(
             revert_patch(model, record)
     assert patch is not None
     patch.metadata.update({"layer": str(layer), "variant": hparams.variant})
-    diagnostics.delta_norms = {
-        name: float(torch.linalg.norm(factored_delta.dense()))  # type: ignore[union-attr]
-        for name, factored_delta in patch.deltas.items()
-    }
+    diagnostics.delta_norms = patch.delta_norms()
     diagnostics.seconds["total"] = time.perf_counter() - started
     return EditResult(patch, diagnostics)
 

@@ -174,6 +174,7 @@ class StatsKey:
     corpus: str
     samples: int
     dtype: str
+    max_length: int  # texts are cut to this many tokens: it changes which keys are sampled
 
     @property
     def digest(self) -> str:
@@ -257,6 +258,7 @@ class CorpusStatistics(_InverseMemo):
             self.corpus.identity,
             self.samples,
             self.dtype,
+            self.max_length,
         )
 
     def prepare(self, layers: list[int]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,6 @@ DATA = ROOT.parent / "shared" / "data"
 CACHE = default_cache_dir()
 # one statistics budget for all real-model tests: enough for a full-rank C, one sampling round
 REAL_MODEL_STATS_SAMPLES = 8_000
-
-torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
 def shared(path: str) -> Path:
