@@ -1,0 +1,83 @@
+"""/v1/edits: accept edits, list and read them, revert one."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse
+
+from ...ledger.schema import JobKind, Status
+from ...ledger.store import NewEdit, live_edits
+from ...requests import request_record
+from ..deps import EngineDep, StateDep
+from ..errors import bad_input, conflict, not_found
+from ..jobs_wait import job_answer, publish
+from ..schemas import Accepted, EditList, EditOut, EditsIn, JobOut, RevertIn
+from ..validation import validated_edits
+from ..views import edit_out
+
+router = APIRouter(prefix="/v1/edits", tags=["edits"])
+
+
+@router.post("", status_code=202, response_model=Accepted)
+def post_edits(body: EditsIn, state: StateDep, engine: EngineDep) -> Accepted:
+    """Validate, record in the ledger (`queued`), enqueue; 202 with the job and edit ids."""
+    requests, method, overrides = validated_edits(body, engine, state.settings)
+    job, ids = state.ledger.accept_edits(
+        [NewEdit(request_record(r), method, overrides) for r in requests]
+    )
+    publish(state, job.id)
+    return Accepted(job_id=job.id, edit_ids=ids, job_url=f"/v1/jobs/{job.id}")
+
+
+@router.get("", response_model=EditList)
+def list_edits(
+    state: StateDep,
+    engine: EngineDep,
+    response: Response,
+    limit: int = Query(50, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+    status: Status | None = None,
+) -> EditList:
+    head = state.ledger.head()
+    live = live_edits(state.ledger.chain(head.number))
+    rows, total = state.ledger.list_edits(limit, offset, status)
+    response.headers["X-Model-Version"] = str(head.number)
+    return EditList(edits=[edit_out(e, live) for e in rows], total=total, model_version=head.number)
+
+
+@router.get("/{edit_id}", response_model=EditOut)
+def get_edit(edit_id: str, state: StateDep, response: Response) -> EditOut:
+    edit = state.ledger.edit(edit_id)
+    if edit is None:
+        raise not_found(f"no edit {edit_id}", "edit_id")
+    head = state.ledger.head()
+    response.headers["X-Model-Version"] = str(head.number)
+    return edit_out(edit, live_edits(state.ledger.chain(head.number)))
+
+
+@router.post("/{edit_id}/revert", response_model=JobOut, responses={202: {"model": JobOut}})
+async def revert_edit(
+    edit_id: str, body: RevertIn, state: StateDep, engine: EngineDep
+) -> JobOut | JSONResponse:
+    """Undo one edit: `rebase` recomputes the later edits without it; `subtract` removes
+    only its patch (fast, approximate). Both append versions to the ledger."""
+    edit = state.ledger.edit(edit_id)
+    if edit is None:
+        raise not_found(f"no edit {edit_id}", "edit_id")
+    if edit.status != Status.applied:
+        raise conflict(f"edit {edit_id} is {edit.status}, not applied", "edit_id")
+    head = state.ledger.head()
+    live = live_edits(state.ledger.chain(head.number))
+    if edit_id not in live:
+        raise conflict(f"edit {edit_id} is not in effect at version {head.number}", "edit_id")
+    if body.mode == "subtract":
+        carrier = state.ledger.version(live[edit_id])
+        if carrier is not None and len(carrier.edit_ids) > 1:
+            raise bad_input(
+                f"edit {edit_id} was applied in a batch of {len(carrier.edit_ids)}; "
+                "subtract removes whole patches only, use mode=rebase",
+                "mode",
+            )
+    job = state.ledger.accept_job(JobKind.revert, {"edit_id": edit_id, "mode": body.mode})
+    publish(state, job.id)
+    return await job_answer(state, job.id, body.wait)

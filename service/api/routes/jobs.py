@@ -1,0 +1,52 @@
+"""/v1/jobs: a job's status and progress, polled or streamed (SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ...state import ServiceState
+from ..deps import StateDep
+from ..errors import not_found
+from ..schemas import JobOut
+from ..views import job_out
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def _job(state: ServiceState, job_id: int) -> JobOut:
+    job = state.ledger.job(job_id)
+    if job is None:
+        raise not_found(f"no job {job_id}", "job_id")
+    return job_out(job, [e.id for e in state.ledger.edits_of_job(job_id)])
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: int, state: StateDep) -> JobOut:
+    return _job(state, job_id)
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse)
+def job_events(job_id: int, state: StateDep) -> StreamingResponse:
+    """Server-sent events: `progress` whenever stage or percent change, then `done`."""
+    _job(state, job_id)  # 404 before the stream starts
+
+    async def events() -> AsyncIterator[str]:
+        last = None
+        while True:
+            job = await run_in_threadpool(_job, state, job_id)
+            seen = (job.status, job.stage, job.percent)
+            if seen != last:
+                last = seen
+                kind = "done" if job.finished_at is not None else "progress"
+                yield f"event: {kind}\ndata: {json.dumps(job.model_dump(mode='json'))}\n\n"
+                if kind == "done":
+                    return
+            await asyncio.sleep(0.1)
+
+    return StreamingResponse(events(), media_type="text/event-stream")

@@ -1,0 +1,69 @@
+"""/v1/model, /v1/versions, /v1/rollback: the served weights and their history."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse
+
+from editors.model_spec import num_layers
+
+from ...ledger.schema import JobKind
+from ...ledger.store import live_edits
+from ..deps import EngineDep, StateDep
+from ..errors import bad_input
+from ..jobs_wait import job_answer, publish
+from ..schemas import JobOut, ModelOut, RollbackIn, VersionOut
+from ..views import version_out
+
+router = APIRouter(prefix="/v1", tags=["model"])
+
+
+@router.get("/model", response_model=ModelOut)
+def get_model(state: StateDep, engine: EngineDep, response: Response) -> ModelOut:
+    head = state.ledger.head()
+    base = state.ledger.version(0)
+    edited = engine.edited_parameters()
+    spec = engine.editor.spec
+    layers = sorted(
+        {
+            i
+            for i in range(num_layers(engine.model, spec))
+            for name in edited
+            if name.startswith(f"{spec.layers}.{i}.")
+        }
+    )
+    response.headers["X-Model-Version"] = str(engine.version)
+    return ModelOut(
+        model=state.settings.model,
+        version=engine.version,
+        checksum=engine.checksum,
+        base_checksum=base.checksum if base else "",
+        device=str(next(engine.model.parameters()).device),
+        dtype=str(next(engine.model.parameters()).dtype).removeprefix("torch."),
+        family=spec.family,
+        layers=num_layers(engine.model, spec),
+        edited_parameters=edited,
+        edited_layers=layers,
+        live_edits=len(live_edits(state.ledger.chain(head.number))),
+    )
+
+
+@router.get("/versions", response_model=list[VersionOut])
+def list_versions(
+    state: StateDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
+) -> list[VersionOut]:
+    return [version_out(v) for v in state.ledger.versions(limit, offset)]
+
+
+@router.post("/rollback", response_model=JobOut, responses={202: {"model": JobOut}})
+async def rollback(body: RollbackIn, state: StateDep, engine: EngineDep) -> JobOut | JSONResponse:
+    """Restore the weights of `to_version` exactly (checked against its recorded checksum);
+    recorded as a new version whose parent is `to_version`."""
+    if state.ledger.version(body.to_version) is None:
+        head = state.ledger.head()
+        raise bad_input(
+            f"version {body.to_version} does not exist (the head is {head.number})", "to_version"
+        )
+    job = state.ledger.accept_job(JobKind.rollback, {"to_version": body.to_version})
+    publish(state, job.id)
+    return await job_answer(state, job.id, body.wait)

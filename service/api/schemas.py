@@ -1,0 +1,156 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PromptAnswer(BaseModel):
+    prompt: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+
+
+class EditIn(BaseModel):
+    """One fact rewrite: `prompt` holds `{}` for the subject (or spells the subject out)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, examples=["The mother tongue of {} is"])
+    subject: str = Field(min_length=1, examples=["Danielle Darrieux"])
+    target_new: str = Field(min_length=1, examples=["English"])
+    target_true: str | None = None
+    paraphrases: list[str] = []
+    locality: list[PromptAnswer] = []
+    portability: list[PromptAnswer] = []
+    case_id: str | None = None
+
+
+class EditsIn(BaseModel):
+    """One edit (`edit`) or a batch (`edits`), computed as one patch by `method`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    edit: EditIn | None = None
+    edits: list[EditIn] | None = None
+    method: str = Field("rome", examples=["rome", "memit"])
+    hparams: dict[str, Any] = Field(default_factory=dict, description="overrides, by name")
+
+
+class Accepted(BaseModel):
+    job_id: int
+    edit_ids: list[str]
+    status: str = "queued"
+    job_url: str
+
+
+class EditOut(BaseModel):
+    id: str
+    job_id: int
+    position: int
+    method: str
+    hparams: dict[str, Any]
+    request: dict[str, Any]
+    status: str
+    error: str | None
+    diagnostics: dict[str, Any] | None
+    version: int | None  # the version that first applied it
+    live: bool  # in effect at the current head
+    live_version: int | None  # the version on the head's chain whose patch carries it
+    created_at: datetime
+    applied_at: datetime | None
+
+
+class EditList(BaseModel):
+    edits: list[EditOut]
+    total: int
+    model_version: int
+
+
+class JobOut(BaseModel):
+    id: int
+    kind: str
+    status: str
+    stage: str
+    percent: float
+    payload: dict[str, Any]
+    attempts: int
+    error: str | None
+    error_type: str | None
+    result_version: int | None
+    edit_ids: list[str]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class RollbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    to_version: int = Field(ge=0)
+    wait: bool = Field(True, description="answer when the rollback is done (up to 120 s)")
+
+
+class RevertIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["rebase", "subtract"] = "rebase"
+    wait: bool = True
+
+
+class VersionOut(BaseModel):
+    number: int
+    parent: int | None
+    kind: str
+    job_id: int | None
+    patch_sha256: str | None
+    checksum: str
+    edit_ids: list[str]
+    reverts: int | None
+    note: str
+    created_at: datetime
+
+
+class ModelOut(BaseModel):
+    model: str
+    version: int
+    checksum: str
+    base_checksum: str
+    device: str
+    dtype: str
+    family: str
+    layers: int
+    edited_parameters: list[str]
+    edited_layers: list[int]
+    live_edits: int
+
+
+class GenerateParameters(BaseModel):
+    """TGI-style sampling parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(32, ge=0)
+    do_sample: bool = False
+    temperature: float | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=16)
+
+
+class GenerateIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str | list[str] = Field(examples=["The mother tongue of Danielle Darrieux is"])
+    parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+
+
+class GenerateOut(BaseModel):
+    generated_text: str
+    finish_reason: str
+    generated_tokens: int
+    prompt_tokens: int
+    model_version: int

@@ -1,0 +1,48 @@
+"""Service settings, read from `EDITSERVE_*` environment variables (pydantic-settings).
+
+The defaults are the embedded profile: SQLite and patch blobs under `data_dir`, an
+in-process queue (no Redis URL), the worker inside the API process, the default model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from editors.models import DEFAULT_MODEL, default_cache_dir
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDITSERVE_", extra="ignore")
+
+    model: str = Field(DEFAULT_MODEL, description="built-in model name or a local folder")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    data_dir: Path = Field(Path("editserve-data"), description="ledger and blobs (embedded)")
+    database_url: str | None = Field(None, description="default: SQLite in data_dir")
+    blob_dir: Path | None = Field(None, description="default: data_dir/blobs")
+    redis_url: str | None = Field(None, description="unset: the in-process queue")
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    stats_corpus: Path | None = Field(None, description="text/JSONL corpus for statistics")
+    stats_samples: int = Field(20_000, gt=0)
+    auto_migrate: bool = Field(True, description="run the ledger migrations at start-up")
+    run_worker: bool = Field(True, description="run the edit worker inside the API process")
+    worker_name: str = Field("worker-1", description="stable Redis consumer name")
+    queue_poll_seconds: float = Field(2.0, gt=0, description="ledger poll when no message")
+    max_prompt_tokens: int = Field(512, gt=0)
+    max_new_tokens: int = Field(1024, gt=0)
+    max_edits_per_job: int = Field(1000, gt=0)
+    generate_max_batch: int = Field(32, gt=0)
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'ledger.db').resolve()}"
+
+    @property
+    def resolved_blob_dir(self) -> Path:
+        return self.blob_dir or self.data_dir / "blobs"

@@ -1,0 +1,147 @@
+"""Batched text generation with per-request sampling parameters.
+
+Prompts are left-padded into one batch and decoded together with a KV cache; each row keeps
+its own temperature, top-k, top-p, seed, token budget and stop strings, and may stream its
+text as it grows. Rows that finish early stop emitting while the batch completes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+    on_text: Callable[[str], None] | None = None  # receives each new piece of text
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    tokens: int
+    finish_reason: str  # "length", "stop" or "eos"
+    prompt_tokens: int
+    version: int = -1  # the model version that produced it
+
+
+class _Row:
+    def __init__(self, request: GenerationRequest, prompt_tokens: int, device: torch.device):
+        self.request, self.prompt_tokens = request, prompt_tokens
+        self.ids: list[int] = []
+        self.text, self.sent = "", 0
+        self.finish: str | None = None
+        self.generator: torch.Generator | None = None
+        if request.params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            seed = request.params.seed
+            self.generator.manual_seed(seed if seed is not None else torch.seed())
+
+
+def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    if params.temperature <= 0 or generator is None:
+        return int(torch.argmax(logits))
+    logits = logits.float() / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_probs, 0) - sorted_probs > params.top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _advance(row: _Row, token: int, tok: PreTrainedTokenizerBase, eos: set[int]) -> None:
+    params = row.request.params
+    if token in eos:
+        row.finish = "eos"
+    else:
+        row.ids.append(token)
+        row.text = tok.decode(row.ids, skip_special_tokens=True)
+        cut = min((row.text.find(s) for s in params.stop if s in row.text), default=-1)
+        if cut >= 0:
+            row.text, row.finish = row.text[:cut], "stop"
+        elif len(row.ids) >= params.max_new_tokens:
+            row.finish = "length"
+    # stream what is settled: hold back an incomplete multi-byte character, and text that
+    # may still turn out to be the start of a stop string
+    ready = row.text
+    if row.finish is None:
+        ready = ready.rstrip("\ufffd")
+        for stop in params.stop:
+            for k in range(min(len(stop) - 1, len(ready)), 0, -1):
+                if ready.endswith(stop[:k]):
+                    ready = ready[:-k]
+                    break
+    if row.request.on_text and len(ready) > row.sent:
+        row.request.on_text(ready[row.sent :])
+        row.sent = len(ready)
+
+
+@torch.no_grad()
+def generate_batch(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[GenerationRequest]
+) -> list[GenerationOutput]:
+    device = next(model.parameters()).device
+    encoded = [tok(r.prompt, add_special_tokens=True)["input_ids"] for r in requests]
+    rows = [_Row(r, len(ids), device) for r, ids in zip(requests, encoded, strict=True)]
+    for row in rows:
+        if row.request.params.max_new_tokens <= 0:
+            row.finish = "length"
+    width = max(len(ids) for ids in encoded)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+    mask = torch.tensor(
+        [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
+    )
+    eos: set[int] = set()
+    for source in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            eos.add(source)
+        elif isinstance(source, list):
+            eos.update(source)
+    past = None
+    step_ids = input_ids
+    while any(row.finish is None for row in rows):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=True,
+        )
+        past = out.past_key_values
+        logits = out.logits[:, -1]
+        chosen = []
+        for index, row in enumerate(rows):
+            if row.finish is None:
+                token = _pick(logits[index], row.request.params, row.generator)
+                _advance(row, token, tok, eos)
+                chosen.append(token)
+            else:
+                chosen.append(pad)
+        step_ids = torch.tensor(chosen, device=device).unsqueeze(1)
+        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+    return [
+        GenerationOutput(row.text, len(row.ids), row.finish or "length", row.prompt_tokens)
+        for row in rows
+    ]

@@ -1,0 +1,108 @@
+"""Live weights as base + patches, kept exact with fp32 master copies.
+
+Only matrices a patch has touched are tracked: their base values are kept, and an fp32
+master holds base + the applied deltas; the served parameter is the master cast to the
+serving dtype. Restoring a version recomputes the masters from the base in ledger order,
+so the weights (and their checksum) are a pure function of the patch sequence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from editors.patch import Delta, FactoredDelta, Patch, PatchError, dense_of
+
+
+def tensor_digest(tensor: torch.Tensor) -> bytes:
+    raw = tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy()
+    return hashlib.sha256(memoryview(raw)).digest()
+
+
+class WeightState:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.params: dict[str, nn.Parameter] = dict(model.named_parameters())
+        self._base: dict[str, torch.Tensor] = {}
+        self._master: dict[str, torch.Tensor] = {}
+        self._digests = {name: tensor_digest(p) for name, p in self.params.items()}
+
+    @property
+    def tracked(self) -> list[str]:
+        return sorted(self._master)
+
+    def checksum(self) -> str:
+        """sha256 over every parameter's name and bytes, as served (device-independent)."""
+        total = hashlib.sha256()
+        for name in sorted(self._digests):
+            total.update(name.encode())
+            total.update(self._digests[name])
+        return total.hexdigest()
+
+    def _track(self, name: str) -> torch.Tensor:
+        if name not in self._master:
+            param = self.params.get(name)
+            if param is None:
+                raise PatchError(f"model has no parameter {name!r}", field="patch")
+            self._base[name] = param.detach().clone()
+            self._master[name] = param.detach().float().clone()
+        return self._master[name]
+
+    def _publish(self, name: str) -> None:
+        param = self.params[name]
+        param.data.copy_(self._master[name].to(param.dtype))
+        self._digests[name] = tensor_digest(param)
+
+    def check_fits(self, patch: Patch) -> None:
+        for name, delta in patch.deltas.items():
+            param = self.params.get(name)
+            if param is None:
+                raise PatchError(f"model has no parameter {name!r}", field="patch")
+            shape = dense_shape(delta)
+            if shape != tuple(param.shape):
+                raise PatchError(
+                    f"delta for {name} has shape {shape}, parameter is {tuple(param.shape)}",
+                    field="patch",
+                )
+
+    @torch.no_grad()
+    def apply(self, patch: Patch) -> None:
+        self.check_fits(patch)
+        for name in patch.parameter_names:
+            master = self._track(name)
+            master += dense_of(patch.deltas[name]).to(master.device)
+            self._publish(name)
+
+    @torch.no_grad()
+    def restore(self, patches: list[Patch]) -> None:
+        """Weights = base + `patches` in order (exact: same sequence, same bytes)."""
+        for patch in patches:
+            self.check_fits(patch)
+        for name in list(self._master):
+            self._master[name] = self._base[name].float().clone()
+        for patch in patches:
+            for name in patch.parameter_names:
+                master = self._track(name)
+                master += dense_of(patch.deltas[name]).to(master.device)
+        for name in self._master:
+            self._publish(name)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: master.clone() for name, master in self._master.items()}
+
+    @torch.no_grad()
+    def reset_to(self, snapshot: dict[str, torch.Tensor]) -> None:
+        """Undo to a snapshot (used when a version could not be recorded)."""
+        for name in list(self._master):
+            self._master[name] = (
+                snapshot[name].clone() if name in snapshot else self._base[name].float().clone()
+            )
+            self._publish(name)
+
+
+def dense_shape(delta: Delta) -> tuple[int, ...]:
+    if isinstance(delta, FactoredDelta):
+        return (int(delta.left.shape[0]), int(delta.right.shape[0]))
+    return tuple(delta.shape)

@@ -1,0 +1,115 @@
+"""What the running service holds: settings, ledger, blobs, queue, engine and worker.
+
+`boot()` loads the model and replays the ledger in a background thread, so `/healthz`
+answers at once and `/readyz` turns ready when the head is restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine as DbEngine
+
+from editors.models import load_model
+
+from .config import Settings
+from .engine.engine import Engine, resolve_device, torch_dtype
+from .ledger.blobs import FileBlobStore
+from .ledger.db import make_engine, migrate, session_factory
+from .ledger.store import Ledger
+from .queue import JobQueue, QueueUnavailableError, make_queue
+from .worker import EditWorker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    db: DbEngine
+    ledger: Ledger
+    blobs: FileBlobStore
+    queue: JobQueue
+    engine: Engine | None = None
+    worker: EditWorker | None = None
+    boot_error: str | None = None
+    _boot_thread: threading.Thread | None = field(default=None, repr=False)
+
+    @classmethod
+    def create(cls, settings: Settings, run_migrations: bool = True) -> ServiceState:
+        url = settings.resolved_database_url
+        if run_migrations:
+            migrate(url)
+        db = make_engine(url)
+        return cls(
+            settings=settings,
+            db=db,
+            ledger=Ledger(session_factory(db), model=settings.model),
+            blobs=FileBlobStore(settings.resolved_blob_dir),
+            queue=make_queue(settings.redis_url, settings.worker_name),
+        )
+
+    def boot(self, run_worker: bool) -> None:
+        """Load the model, restore the ledger head, then start the worker (if asked)."""
+        try:
+            device = resolve_device(self.settings.device)
+            model, tok = load_model(
+                self.settings.model,
+                self.settings.cache_dir,
+                device=device,
+                dtype=torch_dtype(self.settings.dtype, device),
+            )
+            engine = Engine(
+                model,
+                tok,
+                self.ledger,
+                self.blobs,
+                stats_dir=str(self.settings.cache_dir / "stats"),
+                stats_corpus=str(self.settings.stats_corpus)
+                if self.settings.stats_corpus
+                else None,
+                stats_samples=self.settings.stats_samples,
+                generate_max_batch=self.settings.generate_max_batch,
+            )
+            self.engine = engine
+            engine.start()
+            if run_worker:
+                self.worker = EditWorker(engine, self.queue, self.settings.queue_poll_seconds)
+                self._republish_pending()
+                self.worker.start()
+        except Exception as exc:
+            log.exception("start-up failed")
+            self.boot_error = f"{type(exc).__name__}: {exc}"
+
+    def boot_in_background(self, run_worker: bool) -> None:
+        self._boot_thread = threading.Thread(
+            target=self.boot, args=(run_worker,), name="boot", daemon=True
+        )
+        self._boot_thread.start()
+
+    def wait_booted(self, timeout: float | None = None) -> None:
+        if self._boot_thread is not None:
+            self._boot_thread.join(timeout)
+
+    def _republish_pending(self) -> None:
+        """The ledger's queued and interrupted jobs, sent again (a restarted Redis lost them)."""
+        try:
+            for job_id in self.ledger.pending_job_ids():
+                self.queue.publish(job_id)
+        except QueueUnavailableError as exc:
+            log.warning("could not re-send pending jobs: %s (the worker polls the ledger)", exc)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.state.ready
+
+    def close(self) -> None:
+        self.wait_booted(timeout=600)
+        if self.worker is not None:
+            self.worker.stop()
+        if self.engine is not None:
+            self.engine.close()
+        self.queue.close()
+        self.db.dispose()
