@@ -75,6 +75,59 @@ def cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api.app import create_app
+    from .config import Settings
+
+    settings = Settings()
+    host, port = args.host or settings.host, args.port or settings.port
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """The edit worker on its own (the API then runs with EDITSERVE_RUN_WORKER=false)."""
+    import logging
+    import signal
+    import threading
+
+    from .config import Settings
+    from .state import ServiceState
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    settings = Settings()
+    state = ServiceState.create(settings, run_migrations=settings.auto_migrate)
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    state.boot(run_worker=True)
+    if state.boot_error:
+        print(f"error: {state.boot_error}", file=sys.stderr)
+        state.close()
+        return 1
+    assert state.engine is not None
+    print(
+        f"worker {settings.worker_name} ready at version {state.engine.version}",
+        file=sys.stderr,
+        flush=True,
+    )
+    stopping.wait()
+    state.close()
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .config import Settings
+    from .ledger.db import migrate
+
+    url = args.database_url or Settings().resolved_database_url
+    migrate(url, args.revision)
+    print(f"ledger schema at {args.revision}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--cache-dir", help="models and statistics cache (~/.cache/editserve)")
     edit.add_argument("--max-new-tokens", type=int, default=12)
     edit.set_defaults(func=cmd_edit)
+
+    serve = sub.add_parser("serve", help="run the HTTP API (settings from EDITSERVE_* variables)")
+    serve.add_argument("--host", help="default: EDITSERVE_HOST or 127.0.0.1")
+    serve.add_argument("--port", type=int, help="default: EDITSERVE_PORT or 8000")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run the edit worker on its own")
+    worker.add_argument("--log-level", default="info")
+    worker.set_defaults(func=cmd_worker)
+
+    migrate = sub.add_parser("migrate", help="bring the ledger schema up to date (Alembic)")
+    migrate.add_argument("--database-url", help="default: EDITSERVE_DATABASE_URL or SQLite")
+    migrate.add_argument("--revision", default="head")
+    migrate.set_defaults(func=cmd_migrate)
     return parser
 
 

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     auto_migrate: bool = Field(True, description="run the ledger migrations at start-up")
     run_worker: bool = Field(True, description="run the edit worker inside the API process")
     worker_name: str = Field("worker-1", description="stable Redis consumer name")
+    queue_name: str = Field("editserve", description="Redis key prefix of the job stream")
     queue_poll_seconds: float = Field(2.0, gt=0, description="ledger poll when no message")
     max_prompt_tokens: int = Field(512, gt=0)
     max_new_tokens: int = Field(1024, gt=0)

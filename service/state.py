@@ -48,7 +48,7 @@ class ServiceState:
             db=db,
             ledger=Ledger(session_factory(db), model=settings.model),
             blobs=FileBlobStore(settings.resolved_blob_dir),
-            queue=make_queue(settings.redis_url, settings.worker_name),
+            queue=make_queue(settings.redis_url, settings.worker_name, settings.queue_name),
         )
 
     def boot(self, run_worker: bool) -> None:

@@ -103,3 +103,41 @@ def real_editor(request) -> Editor:
 @pytest.fixture(scope="session")
 def smollm2_editor() -> Editor:
     return _real_editor("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, gpt2_tok) -> Path:
+    """A small random GPT-2 saved as a model folder, the service's fast test model."""
+    import transformers as tf
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    torch.manual_seed(0)
+    config = tf.GPT2Config(
+        n_layer=4,
+        n_embd=64,
+        n_head=4,
+        vocab_size=len(gpt2_tok),
+        n_positions=512,
+        bos_token_id=gpt2_tok.eos_token_id,
+        eos_token_id=gpt2_tok.eos_token_id,
+    )
+    tf.GPT2LMHeadModel(config).eval().save_pretrained(folder)
+    gpt2_tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_settings(tmp_path, tiny_model_dir, corpus_file):
+    """Service settings on the tiny model: embedded SQLite and the in-process queue."""
+    from .service_support import service_settings
+
+    def make(**overrides):
+        values = {
+            "cache_dir": tmp_path.parent / "editserve-cache",
+            "stats_corpus": corpus_file,
+            "stats_samples": 2_000,
+            **overrides,
+        }
+        return service_settings(tmp_path, tiny_model_dir, **values)
+
+    return make

@@ -7,10 +7,10 @@ from .local import LocalQueue
 from .redis_streams import RedisStreamQueue
 
 
-def make_queue(redis_url: str | None, consumer: str) -> JobQueue:
+def make_queue(redis_url: str | None, consumer: str, name: str = "editserve") -> JobQueue:
     """Redis Streams when a URL is configured, else the in-process queue."""
     if redis_url:
-        return RedisStreamQueue(redis_url, consumer)
+        return RedisStreamQueue(redis_url, consumer, stream=f"{name}:jobs", group=f"{name}-workers")
     return LocalQueue()
 
 

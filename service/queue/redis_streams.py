@@ -16,14 +16,12 @@ from redis.exceptions import RedisError, ResponseError
 
 from .base import Message, QueueUnavailableError
 
-STREAM = "editserve:jobs"
-GROUP = "editserve-workers"
 HEARTBEAT_TTL_SECONDS = 30
 CLAIM_IDLE_MS = 120_000
 
 
 class RedisStreamQueue:
-    def __init__(self, url: str, consumer: str, stream: str = STREAM, group: str = GROUP) -> None:
+    def __init__(self, url: str, consumer: str, stream: str, group: str) -> None:
         self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self.consumer, self.stream, self.group = consumer, stream, group
         self._group_ready = False
@@ -91,7 +89,7 @@ class RedisStreamQueue:
             raise QueueUnavailableError(f"redis: {exc}") from exc
 
     def heartbeat(self) -> None:
-        key = f"editserve:worker:{self.consumer}"
+        key = f"{self.stream}:worker:{self.consumer}"
         try:
             self.client.set(key, str(time.time()), ex=HEARTBEAT_TTL_SECONDS)
         except RedisError as exc:

@@ -1,0 +1,171 @@
+"""Helpers for the service tests: real databases, Redis servers, running apps and workers."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import redis
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh database on the machine's PostgreSQL, dropped afterwards."""
+    name = f"editserve_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise RuntimeError(f"PostgreSQL at 127.0.0.1:5432 is required: {exc}") from exc
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def require_shared_redis() -> str:
+    try:
+        redis.Redis.from_url(SHARED_REDIS).ping()
+    except redis.RedisError as exc:
+        raise RuntimeError(f"Redis at 127.0.0.1:6379 is required: {exc}") from exc
+    return SHARED_REDIS
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A private redis-server on a free port, for tests that flush or restart it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.port = folder, free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is required for this test")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis.from_url(self.url)
+        for _ in range(100):
+            with contextlib.suppress(redis.RedisError):
+                if client.ping():
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+def service_settings(
+    folder: Path,
+    model: Path | str,
+    database_url: str | None = None,
+    redis_url: str | None = None,
+    **overrides: object,
+) -> Settings:
+    values: dict[str, object] = {
+        "model": str(model),
+        "data_dir": folder / "data",
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "queue_name": f"editserve-test-{uuid.uuid4().hex[:8]}",
+        "queue_poll_seconds": 0.2,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The same settings as EDITSERVE_* variables, for a subprocess."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[f"EDITSERVE_{name.upper()}"] = str(value)
+    return env
+
+
+def wait_ready(client: TestClient, timeout: float = 600.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reply = client.get("/readyz")
+        if reply.status_code == 200:
+            return reply.json()
+        if "failed" in str(reply.json().get("stage")) or "Error" in str(reply.json()["stage"]):
+            raise AssertionError(f"service failed to start: {reply.json()}")
+        time.sleep(0.05)
+    raise AssertionError("service did not become ready")
+
+
+@contextlib.contextmanager
+def running_app(settings: Settings) -> Iterator[TestClient]:
+    """The real app with its lifespan (model load, ledger replay, worker), ready to use."""
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        yield client
+
+
+def wait_job(client: TestClient, job_id: int, timeout: float = 600.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def post_edit(client: TestClient, prompt: str, subject: str, target: str, **extra: object) -> dict:
+    reply = client.post(
+        "/v1/edits",
+        json={"edit": {"prompt": prompt, "subject": subject, "target_new": target}, **extra},
+    )
+    assert reply.status_code == 202, reply.json()
+    return reply.json()
+
+
+def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    """`editserve worker` in its own process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "worker", "--log-level", "warning"],
+        cwd=ROOT,
+        env=settings_env(settings),
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )

@@ -1,0 +1,199 @@
+"""The HTTP API through the app's real lifespan, on the tiny model with the embedded
+defaults (SQLite, in-process queue, worker in the API process)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .service_support import post_edit, running_app, wait_job
+
+FACTS = [
+    ("The mother tongue of {} is", "Danielle Darrieux", "English"),
+    ("{} plays the position of", "Ricky Rubio", "goalkeeper"),
+    ("The capital of {} is", "Atlantis", "Paris"),
+]
+
+
+def _apply(client, fact):
+    accepted = post_edit(client, *fact)
+    job = wait_job(client, accepted["job_id"])
+    assert job["status"] == "applied", job
+    return accepted["edit_ids"][0], job["result_version"]
+
+
+def test_edit_rollback_restart_keep_the_recorded_checksums(tiny_settings):
+    settings = tiny_settings()
+    with running_app(settings) as client:
+        base = client.get("/v1/model").json()
+        assert base["version"] == 0 and base["checksum"] == base["base_checksum"]
+        checksums = {0: base["checksum"]}
+        for fact in FACTS:
+            _, version = _apply(client, fact)
+            model = client.get("/v1/model").json()
+            assert model["version"] == version
+            checksums[version] = model["checksum"]
+        assert len(set(checksums.values())) == 4  # every edit changed the weights
+        recorded = {v["number"]: v["checksum"] for v in client.get("/v1/versions").json()}
+        assert recorded == checksums
+        assert client.get("/v1/model").json()["edited_layers"] == [1]
+
+        rolled = client.post("/v1/rollback", json={"to_version": 1})
+        assert rolled.status_code == 200 and rolled.json()["status"] == "applied"
+        model = client.get("/v1/model").json()
+        assert model["version"] == 4 and model["checksum"] == checksums[1]
+        edits = client.get("/v1/edits").json()
+        assert [e["live"] for e in edits["edits"]] == [False, False, True]  # newest first
+        head_checksum = model["checksum"]
+
+    with running_app(settings) as client:  # a restart replays the ledger to its head
+        ready = client.get("/readyz").json()
+        assert ready["version"] == 4 and ready["checksum"] == head_checksum
+        rolled = client.post("/v1/rollback", json={"to_version": 3}).json()
+        assert client.get("/v1/model").json()["checksum"] == checksums[3]
+        assert rolled["result_version"] == 5
+
+
+def test_subtract_and_rebase_reverts(tiny_settings):
+    with running_app(tiny_settings()) as client:
+        ids = [_apply(client, fact)[0] for fact in FACTS]
+        before = {v["number"]: v["checksum"] for v in client.get("/v1/versions").json()}
+
+        reply = client.post(f"/v1/edits/{ids[2]}/revert", json={"mode": "subtract"})
+        assert reply.status_code == 200 and reply.json()["status"] == "applied", reply.json()
+        assert not client.get(f"/v1/edits/{ids[2]}").json()["live"]
+        # subtracting the last patch lands next to version 2 (fp32 rounding aside)
+        assert client.get("/v1/model").json()["version"] == 4
+
+        reply = client.post(f"/v1/edits/{ids[0]}/revert", json={"mode": "rebase"})
+        assert reply.status_code == 200 and reply.json()["status"] == "applied", reply.json()
+        versions = client.get("/v1/versions").json()
+        restart, rebased = versions[1], versions[0]
+        assert restart["kind"] == "revert" and restart["parent"] == 0
+        assert restart["checksum"] == before[0]
+        assert rebased["kind"] == "rebase" and rebased["edit_ids"] == [ids[1]]
+        states = {e["id"]: e["live"] for e in client.get("/v1/edits").json()["edits"]}
+        assert states == {ids[0]: False, ids[1]: True, ids[2]: False}
+        # the history keeps everything: 3 edits, subtract, restart, rebased edit
+        assert [v["kind"] for v in versions] == [
+            "rebase", "revert", "revert", "edit", "edit", "edit", "base"
+        ]  # fmt: skip
+        again = client.post(f"/v1/edits/{ids[0]}/revert", json={"mode": "rebase"})
+        assert again.status_code == 409 and again.json()["field"] == "edit_id"
+
+
+def test_batches_generation_and_streams(tiny_settings):
+    with running_app(tiny_settings()) as client:
+        reply = client.post(
+            "/v1/edits",
+            json={
+                "edits": [{"prompt": p, "subject": s, "target_new": t} for p, s, t in FACTS],
+                "method": "memit",
+                "hparams": {"steps": 5},
+            },
+        )
+        assert reply.status_code == 202
+        accepted = reply.json()
+        events = client.get(f"/v1/jobs/{accepted['job_id']}/events").text
+        blocks = [b for b in events.split("\n\n") if b.strip()]
+        assert blocks[-1].startswith("event: done")
+        final = json.loads(blocks[-1].split("data: ", 1)[1])
+        assert final["status"] == "applied" and final["percent"] == 100.0
+        assert len(accepted["edit_ids"]) == 3
+        version = final["result_version"]
+        edit = client.get(f"/v1/edits/{accepted['edit_ids'][1]}").json()
+        assert edit["method"] == "memit" and edit["diagnostics"]["layers"]
+        subtract = client.post(f"/v1/edits/{edit['id']}/revert", json={"mode": "subtract"})
+        assert subtract.status_code == 422 and subtract.json()["field"] == "mode"
+
+        body = {"inputs": ["The mother tongue of Danielle Darrieux is", "Hello"],
+                "parameters": {"max_new_tokens": 6}}  # fmt: skip
+        many = client.post("/v1/generate", json=body)
+        assert many.headers["X-Model-Version"] == str(version)
+        assert [o["generated_tokens"] for o in many.json()] == [6, 6]
+        one = client.post("/v1/generate", json={"inputs": body["inputs"][0],
+                                                "parameters": {"max_new_tokens": 6}})  # fmt: skip
+        assert one.json()["generated_text"] == many.json()[0]["generated_text"]  # greedy
+        sampled = [
+            client.post("/v1/generate", json={"inputs": "Hello", "parameters": {
+                "max_new_tokens": 8, "do_sample": True, "temperature": 1.5, "seed": s}}).json()
+            for s in (1, 1, 2)
+        ]  # fmt: skip
+        assert sampled[0]["generated_text"] == sampled[1]["generated_text"]  # seeded
+        assert sampled[0]["generated_text"] != sampled[2]["generated_text"]
+
+        stream = client.post("/v1/generate_stream", json={**body, "inputs": body["inputs"][0]})
+        datas = [
+            json.loads(line[6:]) for line in stream.text.splitlines() if line.startswith("data: ")
+        ]
+        pieces = "".join(d["token"]["text"] for d in datas[:-1])
+        assert datas[-1]["generated_text"] == pieces == one.json()["generated_text"]
+
+
+def _edit_body(method: str = "rome", hparams: dict | None = None, **fields) -> dict:
+    edit = {"prompt": "{} is in", "subject": "France", "target_new": "Asia", **fields}
+    return {"edit": edit, "method": method, "hparams": hparams or {}}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "field"),
+    [
+        ("/v1/edits", _edit_body(prompt="The capital is"), 422, "edit.prompt"),
+        ("/v1/edits", _edit_body(target_new="  "), 422, "edit.target_new"),
+        ("/v1/edits", _edit_body(method="magic"), 422, "method"),
+        ("/v1/edits", _edit_body(hparams={"stepz": 3}), 422, "hparams.stepz"),
+        ("/v1/edits", _edit_body(hparams={"layer": 99}), 422, "hparams.layers"),
+        ("/v1/edits", _edit_body(prompt="{} is in " + "very " * 600), 422, "edit.prompt"),
+        ("/v1/edits", {"edits": []}, 422, "edits"),
+        ("/v1/edits", {"edits": [{"prompt": "{} is", "subject": "A", "target_new": "B"},
+                                 {"prompt": "{} is", "subject": "A"}]}, 422, "edits.1.target_new"),
+        ("/v1/rollback", {"to_version": 42}, 422, "to_version"),
+        ("/v1/rollback", {"to_version": -1}, 422, "to_version"),
+        ("/v1/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 10**6}}, 422,
+         "parameters.max_new_tokens"),
+        ("/v1/generate", {"inputs": ["Hi", ""]}, 422, "inputs.1"),
+        ("/v1/generate", {"inputs": "Hi", "parameters": {"top_p": 2}}, 422, "parameters.top_p"),
+        ("/v1/edits/nope/revert", {"mode": "rebase"}, 404, "edit_id"),
+        ("/v1/edits/nope/revert", {"mode": "undo"}, 422, "mode"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_a_4xx_naming_the_field_and_changes_nothing(
+    tiny_api, path, body, status, field
+):
+    before = tiny_api.get("/v1/model").json()
+    jobs_before = tiny_api.get("/v1/edits").json()["total"]
+    reply = tiny_api.post(path, json=body)
+    assert reply.status_code == status, reply.json()
+    error = reply.json()
+    assert error["field"] == field and error["error"] and error["type"]
+    assert tiny_api.get("/v1/model").json() == before
+    assert tiny_api.get("/v1/edits").json()["total"] == jobs_before
+
+
+def test_unknown_routes_and_bad_json_answer_json_errors(tiny_api):
+    missing = tiny_api.get("/v1/nowhere")
+    assert missing.status_code == 404 and missing.json()["type"] == "not_found"
+    broken = tiny_api.post(
+        "/v1/edits", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert broken.status_code == 422 and broken.json()["type"] == "validation_error"
+    assert tiny_api.get("/v1/jobs/999").status_code == 404
+    assert tiny_api.get("/healthz").json() == {"status": "ok"}
+    assert "/v1/edits" in tiny_api.get("/openapi.json").json()["paths"]
+
+
+@pytest.fixture(scope="module")
+def tiny_api(tmp_path_factory, tiny_model_dir, corpus_file):
+    from .service_support import service_settings
+
+    folder = tmp_path_factory.mktemp("api")
+    settings = service_settings(
+        folder,
+        tiny_model_dir,
+        cache_dir=folder.parent / "editserve-cache",
+        stats_corpus=corpus_file,
+        stats_samples=2_000,
+    )
+    with running_app(settings) as client:
+        yield client
