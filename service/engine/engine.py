@@ -136,6 +136,10 @@ class Engine:
             raise RuntimeError("the engine has not started")
         return self.weights
 
+    async def sync(self) -> None:
+        """Bring the weights to the ledger head (a no-op for the writer, which is there)."""
+        await self.lane.run(self._follow_head)
+
     def edited_parameters(self) -> list[str]:
         """Names of the parameters any applied patch has touched since start-up."""
         return self._weights().tracked

@@ -19,7 +19,8 @@ router = APIRouter(prefix="/v1", tags=["model"])
 
 
 @router.get("/model", response_model=ModelOut)
-def get_model(state: StateDep, engine: EngineDep, response: Response) -> ModelOut:
+async def get_model(state: StateDep, engine: EngineDep, response: Response) -> ModelOut:
+    await engine.sync()
     head = state.ledger.head()
     base = state.ledger.version(0)
     edited = engine.edited_parameters()
