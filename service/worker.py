@@ -33,7 +33,7 @@ class EditWorker:
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
-        self.queue.close()
+        self.queue.wake()
         for thread in self._threads:
             thread.join(timeout)
 

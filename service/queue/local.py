@@ -35,6 +35,9 @@ class LocalQueue:
     def ping(self) -> bool:
         return True
 
-    def close(self) -> None:
+    def wake(self) -> None:
         with self._ready:
             self._ready.notify_all()
+
+    def close(self) -> None:
+        self.wake()

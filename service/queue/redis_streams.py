@@ -95,6 +95,9 @@ class RedisStreamQueue:
         except RedisError as exc:
             raise QueueUnavailableError(f"redis: {exc}") from exc
 
+    def wake(self) -> None:
+        return None  # a blocked read ends within the poll interval
+
     def ping(self) -> bool:
         try:
             return bool(self.client.ping())

@@ -1,0 +1,80 @@
+"""The product's promise on a real pretrained model (SmolLM2), PostgreSQL and Redis:
+edits show in /generate, rollback and restart are exact, a rebase revert undoes one edit."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import CACHE, REAL_MODEL_STATS_SAMPLES
+from .service_support import (
+    post_edit,
+    postgres_database,
+    require_shared_redis,
+    running_app,
+    service_settings,
+    wait_job,
+)
+
+pytestmark = pytest.mark.slow
+
+FACTS = [
+    ("The mother tongue of {} is", "Danielle Darrieux", "English", "French"),
+    ("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris"),
+    ("The capital of {} is", "Canada", "Sydney", "Ottawa"),
+]
+PROMPTS = [prompt.replace("{}", subject) for prompt, subject, _, _ in FACTS]
+
+
+def _answers(client) -> list[str]:
+    reply = client.post(
+        "/v1/generate", json={"inputs": PROMPTS, "parameters": {"max_new_tokens": 6}}
+    )
+    assert reply.status_code == 200, reply.json()
+    return [out["generated_text"] for out in reply.json()]
+
+
+def test_edits_generate_rollback_restart_and_rebase_on_smollm2(tmp_path):
+    with postgres_database() as database_url:
+        settings = service_settings(
+            tmp_path,
+            "smollm2-135m-instruct",
+            database_url=database_url,
+            redis_url=require_shared_redis(),
+            cache_dir=CACHE,
+            stats_samples=REAL_MODEL_STATS_SAMPLES,
+        )
+        with running_app(settings) as client:
+            before = _answers(client)
+            for answer, (_, _, _, truth) in zip(before, FACTS, strict=True):
+                assert truth in answer
+
+            edit_ids, checksums, answers = [], {}, {}
+            for prompt, subject, target, _ in FACTS:
+                accepted = post_edit(client, prompt, subject, target)
+                job = wait_job(client, accepted["job_id"])
+                assert job["status"] == "applied", job
+                edit_ids.append(accepted["edit_ids"][0])
+                checksums[job["result_version"]] = client.get("/v1/model").json()["checksum"]
+                answers[job["result_version"]] = _answers(client)
+            edited = answers[3]
+            for answer, (_, _, target, _) in zip(edited, FACTS, strict=True):
+                assert target in answer  # all three edits show in /generate
+
+            # revert the oldest edit by rebase: the others hold, its old fact is back
+            reverted = client.post(f"/v1/edits/{edit_ids[0]}/revert", json={"mode": "rebase"})
+            assert reverted.json()["status"] == "applied", reverted.json()
+            rebased = _answers(client)
+            assert FACTS[0][3] in rebased[0] and FACTS[0][2] not in rebased[0]
+            assert FACTS[1][2] in rebased[1] and FACTS[2][2] in rebased[2]
+
+            rolled = client.post("/v1/rollback", json={"to_version": 1})
+            assert rolled.json()["status"] == "applied", rolled.json()
+            model = client.get("/v1/model").json()
+            assert model["checksum"] == checksums[1]
+            assert _answers(client) == answers[1]  # it answers as it did at version 1
+            head = model["version"], model["checksum"]
+
+        with running_app(settings) as client:  # restart: back at the head, same weights
+            ready = client.get("/readyz").json()
+            assert (ready["version"], ready["checksum"]) == head
+            assert _answers(client) == answers[1]
