@@ -39,9 +39,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _one(url: str, prompt: str, tokens: int) -> int:
+def _one(client: httpx.Client, prompt: str, tokens: int) -> int:
     body = {"inputs": prompt, "parameters": {"max_new_tokens": tokens, "stop": []}}
-    reply = httpx.post(f"{url}/v1/generate", json=body, timeout=600)
+    reply = client.post("/v1/generate", json=body)
     reply.raise_for_status()
     return int(reply.json()["generated_tokens"])
 
@@ -74,14 +74,17 @@ def main() -> None:
                 pass
             time.sleep(0.5)
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.clients)]
-        _one(url, prompts[0], 4)  # warm-up
-        started = time.perf_counter()
-        sequential_tokens = sum(_one(url, p, args.max_new_tokens) for p in prompts)
-        sequential = time.perf_counter() - started
-        started = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            counts = list(pool.map(lambda p: _one(url, p, args.max_new_tokens), prompts))
-        concurrent = time.perf_counter() - started
+        limits = httpx.Limits(max_connections=args.clients)
+        with httpx.Client(base_url=url, timeout=600, limits=limits) as client:
+            for prompt in prompts:  # warm-up, and one open connection per client
+                _one(client, prompt, 2)
+            started = time.perf_counter()
+            sequential_tokens = sum(_one(client, p, args.max_new_tokens) for p in prompts)
+            sequential = time.perf_counter() - started
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                counts = list(pool.map(lambda p: _one(client, p, args.max_new_tokens), prompts))
+            concurrent = time.perf_counter() - started
     finally:
         server.terminate()
         server.wait(60)

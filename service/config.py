@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(1024, gt=0)
     max_edits_per_job: int = Field(1000, gt=0)
     generate_max_batch: int = Field(32, gt=0)
+    generate_batch_wait_ms: float = Field(20.0, ge=0, description="gather time for a batch")
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -72,6 +72,7 @@ class ServiceState:
                 else None,
                 stats_samples=self.settings.stats_samples,
                 generate_max_batch=self.settings.generate_max_batch,
+                generate_wait_seconds=self.settings.generate_batch_wait_ms / 1000,
             )
             self.engine = engine
             engine.start()

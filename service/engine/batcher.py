@@ -1,13 +1,16 @@
 """Collects concurrent generation requests into batches on the model lane.
 
 Requests that arrive while the lane is busy (with a batch or an edit) wait together and
-run as one batch when the lane frees, up to `max_batch` at a time.
+run as one batch when the lane frees, up to `max_batch` at a time. A batch that would start
+with room to spare first waits `wait_seconds` for requests still on their way: clients that
+start together then share one batch instead of the first running alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,8 +31,10 @@ class GenerationBatcher:
         lane: ModelLane,
         run_batch: Callable[[list[GenerationRequest]], list[GenerationOutput]],
         max_batch: int,
+        wait_seconds: float = 0.02,
     ) -> None:
         self.lane, self.run_batch, self.max_batch = lane, run_batch, max_batch
+        self.wait_seconds = wait_seconds
         self._waiting: list[_Waiting] = []
         self._lock = threading.Lock()
         self._scheduled = False
@@ -50,6 +55,10 @@ class GenerationBatcher:
         self.lane.submit(self._run)
 
     def _run(self) -> None:
+        with self._lock:
+            room = len(self._waiting) < self.max_batch
+        if room and self.wait_seconds > 0:
+            time.sleep(self.wait_seconds)
         with self._lock:
             batch, self._waiting = (
                 self._waiting[: self.max_batch],

@@ -66,6 +66,7 @@ class Engine:
         stats_corpus: str | None = None,
         stats_samples: int = 20_000,
         generate_max_batch: int = 32,
+        generate_wait_seconds: float = 0.02,
     ) -> None:
         self.model, self.tok, self.ledger, self.blobs = model, tok, ledger, blobs
         self.lane = ModelLane()
@@ -76,7 +77,9 @@ class Engine:
         self._stats_args = (stats_dir, stats_corpus, stats_samples)
         self._editor: Editor | None = None
         self._patches: OrderedDict[str, Patch] = OrderedDict()
-        self.batcher = GenerationBatcher(self.lane, self._generate_on_lane, generate_max_batch)
+        self.batcher = GenerationBatcher(
+            self.lane, self._generate_on_lane, generate_max_batch, generate_wait_seconds
+        )
         self._job_lock = threading.Lock()
 
     # -- start-up ---------------------------------------------------------------------------
