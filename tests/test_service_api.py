@@ -197,3 +197,21 @@ def tiny_api(tmp_path_factory, tiny_model_dir, corpus_file):
     )
     with running_app(settings) as client:
         yield client
+
+
+def test_bfloat16_serving_stays_exact_through_edits_rollback_and_restart(tiny_settings):
+    """fp32 master copies: bf16 weights are a pure function of the patch sequence."""
+    settings = tiny_settings(dtype="bfloat16")
+    with running_app(settings) as client:
+        assert client.get("/v1/model").json()["dtype"] == "bfloat16"
+        checksums = {}
+        for fact in FACTS[:2]:
+            _, version = _apply(client, fact)
+            checksums[version] = client.get("/v1/model").json()["checksum"]
+        assert len(set(checksums.values())) == 2
+        client.post("/v1/rollback", json={"to_version": 1})
+        assert client.get("/v1/model").json()["checksum"] == checksums[1]
+        client.post("/v1/rollback", json={"to_version": 2})
+        assert client.get("/v1/model").json()["checksum"] == checksums[2]
+    with running_app(settings) as client:
+        assert client.get("/readyz").json()["checksum"] == checksums[2]
