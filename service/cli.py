@@ -80,24 +80,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .api.app import create_app
     from .config import Settings
+    from .observability import configure_logging
 
     settings = Settings()
+    configure_logging(settings.log_format, args.log_level)
     host, port = args.host or settings.host, args.port or settings.port
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=args.log_level)
+    uvicorn.run(
+        create_app(settings), host=host, port=port, log_level=args.log_level, log_config=None
+    )
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """The edit worker on its own (the API then runs with EDITSERVE_RUN_WORKER=false)."""
-    import logging
     import signal
     import threading
 
     from .config import Settings
+    from .observability import configure_logging
     from .state import ServiceState
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     settings = Settings()
+    configure_logging(settings.log_format, args.log_level)
     state = ServiceState.create(settings, run_migrations=settings.auto_migrate)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -125,6 +129,40 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     url = args.database_url or Settings().resolved_database_url
     migrate(url, args.revision)
     print(f"ledger schema at {args.revision}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Create, list or revoke API keys in the ledger database."""
+    from .auth import KeyStore, ScopeError
+    from .config import Settings
+    from .ledger.db import make_engine, migrate, session_factory
+
+    url = args.database_url or Settings().resolved_database_url
+    migrate(url)
+    engine = make_engine(url)
+    store = KeyStore(session_factory(engine))
+    try:
+        if args.action == "create":
+            try:
+                row, plain = store.create(args.name, args.scopes.split(","))
+            except ScopeError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            print(json.dumps({"id": row.id, "name": row.name, "scopes": row.scopes}))
+            print(plain)  # shown once; only its hash is stored
+        elif args.action == "list":
+            for row in store.list():
+                state = "revoked" if row.revoked_at else "active"
+                print(f"{row.id}  es_{row.prefix}_…  {row.name}  {','.join(row.scopes)}  {state}")
+        else:
+            revoked = store.revoke(args.key)
+            if revoked is None:
+                print(f"error: no key {args.key!r}", file=sys.stderr)
+                return 2
+            print(f"revoked {revoked.id} ({revoked.name})")
+    finally:
+        engine.dispose()
     return 0
 
 
@@ -175,6 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--database-url", help="default: EDITSERVE_DATABASE_URL or SQLite")
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(func=cmd_migrate)
+
+    keys = sub.add_parser("keys", help="create, list or revoke API keys")
+    keys.add_argument("--database-url", help="default: EDITSERVE_DATABASE_URL or SQLite")
+    actions = keys.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="print a new key (shown once)")
+    create.add_argument("--name", required=True)
+    create.add_argument(
+        "--scopes", default="generate", help="comma-separated: generate,evaluate,edit,admin"
+    )
+    actions.add_parser("list", help="list keys (never their secrets)")
+    revoke = actions.add_parser("revoke", help="revoke a key by id or prefix")
+    revoke.add_argument("key")
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     max_edits_per_job: int = Field(1000, gt=0)
     generate_max_batch: int = Field(32, gt=0)
     generate_batch_wait_ms: float = Field(20.0, ge=0, description="gather time for a batch")
+    auth: Literal["keys", "open"] = Field(
+        "keys", description="keys: every model route needs an API key; open: no keys (local use)"
+    )
+    rate_limit_per_minute: int = Field(600, ge=0, description="requests per key; 0: no limit")
+    max_body_bytes: int = Field(1_000_000, gt=0)
+    max_queue_depth: int = Field(1000, gt=0, description="unfinished jobs before 429")
+    log_format: Literal["json", "text"] = "json"
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -14,11 +14,14 @@ from sqlalchemy import Engine as DbEngine
 
 from editors.models import load_model
 
+from .api.limits import RateLimiter
+from .auth import KeyStore
 from .config import Settings
 from .engine.engine import Engine, resolve_device, torch_dtype
 from .ledger.blobs import FileBlobStore
 from .ledger.db import make_engine, migrate, session_factory
 from .ledger.store import Ledger
+from .observability import ServiceMetrics
 from .queue import JobQueue, QueueUnavailableError, make_queue
 from .worker import EditWorker
 
@@ -32,6 +35,9 @@ class ServiceState:
     ledger: Ledger
     blobs: FileBlobStore
     queue: JobQueue
+    keys: KeyStore
+    limiter: RateLimiter
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     engine: Engine | None = None
     worker: EditWorker | None = None
     boot_error: str | None = None
@@ -49,6 +55,8 @@ class ServiceState:
             ledger=Ledger(session_factory(db), model=settings.model),
             blobs=FileBlobStore(settings.resolved_blob_dir),
             queue=make_queue(settings.redis_url, settings.worker_name, settings.queue_name),
+            keys=KeyStore(session_factory(db)),
+            limiter=RateLimiter(settings.rate_limit_per_minute),
         )
 
     def boot(self, run_worker: bool) -> None:
@@ -73,6 +81,7 @@ class ServiceState:
                 stats_samples=self.settings.stats_samples,
                 generate_max_batch=self.settings.generate_max_batch,
                 generate_wait_seconds=self.settings.generate_batch_wait_ms / 1000,
+                metrics=self.metrics,
             )
             self.engine = engine
             engine.start()

@@ -107,6 +107,8 @@ def service_settings(
         "redis_url": redis_url,
         "queue_name": f"editserve-test-{uuid.uuid4().hex[:8]}",
         "queue_poll_seconds": 0.2,
+        "auth": "open",
+        "log_format": "text",
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import Settings
+from ..observability import new_request_id, request_id
 from ..state import ServiceState
 from .errors import install_error_handlers
+from .limits import BodySizeLimit
 from .routes import edits, generate, health, jobs, model
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -20,6 +27,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = ServiceState.create(settings, run_migrations=settings.auto_migrate)
         app.state.service = state
+        state.metrics.watch(
+            queue_depth=state.ledger.pending_job_count,
+            model_version=lambda: state.engine.version if state.engine else -1,
+        )
+        if settings.auth == "open":
+            log.warning("OPEN MODE: no API keys are checked (EDITSERVE_AUTH=open); local use only")
         state.boot_in_background(run_worker=settings.run_worker)
         try:
             yield
@@ -35,4 +48,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (health, edits, jobs, model, generate):
         app.include_router(module.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(request: Request) -> Response:
+        registry = request.app.state.service.metrics.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.middleware("http")
+    async def observe(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        ident = new_request_id(request.headers.get("x-request-id"))
+        token = request_id.set(ident)
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        finally:
+            request_id.reset(token)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        service = getattr(request.app.state, "service", None)
+        if service is not None:
+            service.metrics.requests.labels(request.method, route, response.status_code).inc()
+            service.metrics.latency.labels(request.method, route).observe(
+                time.perf_counter() - started
+            )
+        response.headers["X-Request-ID"] = ident
+        return response
+
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     return app

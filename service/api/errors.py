@@ -15,9 +15,17 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.field = status, message, kind, field
+        self.headers = headers or {}
 
 
 def bad_input(message: str, field: str | None, kind: str = "invalid_request") -> ApiError:
@@ -49,7 +57,9 @@ def _body(message: str, kind: str, field: str | None) -> dict[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(_body(exc.message, exc.kind, exc.field), status_code=exc.status)
+        return JSONResponse(
+            _body(exc.message, exc.kind, exc.field), status_code=exc.status, headers=exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

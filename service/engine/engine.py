@@ -26,6 +26,7 @@ from editors.result import EditResult
 from ..ledger.blobs import BlobStore
 from ..ledger.schema import Job, JobKind, Status, Version, VersionKind
 from ..ledger.store import Ledger, NewVersion, live_edits
+from ..observability import ServiceMetrics, request_id
 from ..requests import request_from_record
 from .batcher import GenerationBatcher
 from .generation import GenerationOutput, GenerationRequest, generate_batch
@@ -67,7 +68,9 @@ class Engine:
         stats_samples: int = 20_000,
         generate_max_batch: int = 32,
         generate_wait_seconds: float = 0.02,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.model, self.tok, self.ledger, self.blobs = model, tok, ledger, blobs
         self.lane = ModelLane()
         self.state = EngineState()
@@ -269,28 +272,47 @@ class Engine:
             job = self.ledger.job(job_id)
             if job is None or job.status.terminal:
                 return  # idempotent: a redelivered job that already ended
-            if job.kind == JobKind.edit and self.ledger.job_has_version(job_id):
-                version = self.ledger.head()
-                self.ledger.finish_job(job_id, Status.applied, result_version=version.number)
-                return
-            if job.attempts >= MAX_ATTEMPTS:
-                message = f"interrupted {job.attempts} times while running; not retried"
-                self.ledger.finish_job(job_id, Status.failed, message, "Interrupted")
-                return
-            job = self.ledger.start_job(job_id)
-            progress = JobProgress(self.ledger, job_id)
+            token = request_id.set(job.payload.get("request_id"))
             try:
-                if job.kind == JobKind.edit:
-                    self._run_edit(job, progress)
-                elif job.kind == JobKind.rollback:
-                    self._run_rollback(job)
-                else:
-                    self._run_revert(job, progress)
-            except EditError as exc:
-                self.ledger.finish_job(job_id, Status.rejected, str(exc), _error_type(exc))
-            except Exception as exc:
-                log.exception("job %s failed", job_id)
-                self.ledger.finish_job(job_id, Status.failed, str(exc), type(exc).__name__)
+                self._run_job(job)
+            finally:
+                request_id.reset(token)
+
+    def _run_job(self, job: Job) -> None:
+        job_id = job.id
+        if job.kind == JobKind.edit and self.ledger.job_has_version(job_id):
+            version = self.ledger.head()
+            self.ledger.finish_job(job_id, Status.applied, result_version=version.number)
+            return
+        if job.attempts >= MAX_ATTEMPTS:
+            message = f"interrupted {job.attempts} times while running; not retried"
+            self.ledger.finish_job(job_id, Status.failed, message, "Interrupted")
+            return
+        job = self.ledger.start_job(job_id)
+        progress = JobProgress(self.ledger, job_id)
+        started, status = time.perf_counter(), Status.applied
+        extra = {"job_id": job_id, "status": "running"}
+        log.info("job %s (%s) started, attempt %s", job_id, job.kind, job.attempts, extra=extra)
+        try:
+            if job.kind == JobKind.edit:
+                self._run_edit(job, progress)
+            elif job.kind == JobKind.rollback:
+                self._run_rollback(job)
+            else:
+                self._run_revert(job, progress)
+        except EditError as exc:
+            status = Status.rejected
+            self.ledger.finish_job(job_id, status, str(exc), _error_type(exc))
+        except Exception as exc:
+            status = Status.failed
+            log.exception("job %s failed", job_id, extra={"job_id": job_id})
+            self.ledger.finish_job(job_id, status, str(exc), type(exc).__name__)
+        seconds = time.perf_counter() - started
+        extra = {"job_id": job_id, "status": str(status), "seconds": round(seconds, 3)}
+        log.info("job %s (%s) %s in %.2f s", job_id, job.kind, status, seconds, extra=extra)
+        if self.metrics is not None and job.kind == JobKind.edit:
+            method = str(job.payload.get("method", "unknown"))
+            self.metrics.edit_seconds.labels(method, str(status)).observe(seconds)
 
     def _run_edit(self, job: Job, progress: JobProgress) -> None:
         edits = self.ledger.edits_of_job(job.id)

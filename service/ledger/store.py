@@ -148,10 +148,14 @@ class Ledger:
 
     # -- jobs -------------------------------------------------------------------------------
 
-    def accept_edits(self, edits: list[NewEdit]) -> tuple[Job, list[str]]:
+    def accept_edits(
+        self, edits: list[NewEdit], payload: dict[str, Any] | None = None
+    ) -> tuple[Job, list[str]]:
         """Record an edit job with its edits, all `queued` (the caller's 202)."""
         with self.sessions.begin() as session:
-            job = Job(kind=JobKind.edit, status=Status.queued, payload={}, stage="queued")
+            job = Job(
+                kind=JobKind.edit, status=Status.queued, payload=payload or {}, stage="queued"
+            )
             session.add(job)
             session.flush()
             ids = []
@@ -195,6 +199,12 @@ class Ledger:
         with self.sessions() as session:
             query = select(Job.id).where(Job.status.in_([Status.queued, Status.running]))
             return list(session.scalars(query.order_by(Job.id)))
+
+    def pending_job_count(self) -> int:
+        with self.sessions() as session:
+            query = select(func.count()).select_from(Job)
+            query = query.where(Job.status.in_([Status.queued, Status.running]))
+            return int(session.scalar(query) or 0)
 
     def start_job(self, job_id: int) -> Job:
         with self.sessions.begin() as session:

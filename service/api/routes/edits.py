@@ -2,28 +2,32 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import JSONResponse
 
 from ...ledger.schema import JobKind, Status
 from ...ledger.store import NewEdit, live_edits
+from ...observability import request_id
 from ...requests import request_record
-from ..deps import EngineDep, StateDep
+from ..deps import EngineDep, StateDep, authenticated, require
 from ..errors import bad_input, conflict, not_found
 from ..jobs_wait import job_answer, publish
+from ..limits import check_queue_depth
 from ..schemas import Accepted, EditList, EditOut, EditsIn, JobOut, RevertIn
 from ..validation import validated_edits
 from ..views import edit_out
 
-router = APIRouter(prefix="/v1/edits", tags=["edits"])
+router = APIRouter(prefix="/v1/edits", tags=["edits"], dependencies=[Depends(authenticated)])
 
 
-@router.post("", status_code=202, response_model=Accepted)
+@router.post("", status_code=202, response_model=Accepted, dependencies=[Depends(require("edit"))])
 def post_edits(body: EditsIn, state: StateDep, engine: EngineDep) -> Accepted:
     """Validate, record in the ledger (`queued`), enqueue; 202 with the job and edit ids."""
     requests, method, overrides = validated_edits(body, engine, state.settings)
+    check_queue_depth(state)
     job, ids = state.ledger.accept_edits(
-        [NewEdit(request_record(r), method, overrides) for r in requests]
+        [NewEdit(request_record(r), method, overrides) for r in requests],
+        {"method": method, "request_id": request_id.get()},
     )
     publish(state, job.id)
     return Accepted(job_id=job.id, edit_ids=ids, job_url=f"/v1/jobs/{job.id}")
@@ -55,7 +59,12 @@ def get_edit(edit_id: str, state: StateDep, response: Response) -> EditOut:
     return edit_out(edit, live_edits(state.ledger.chain(head.number)))
 
 
-@router.post("/{edit_id}/revert", response_model=JobOut, responses={202: {"model": JobOut}})
+@router.post(
+    "/{edit_id}/revert",
+    response_model=JobOut,
+    responses={202: {"model": JobOut}},
+    dependencies=[Depends(require("admin"))],
+)
 async def revert_edit(
     edit_id: str, body: RevertIn, state: StateDep, engine: EngineDep
 ) -> JobOut | JSONResponse:
@@ -78,6 +87,9 @@ async def revert_edit(
                 "subtract removes whole patches only, use mode=rebase",
                 "mode",
             )
-    job = state.ledger.accept_job(JobKind.revert, {"edit_id": edit_id, "mode": body.mode})
+    check_queue_depth(state)
+    job = state.ledger.accept_job(
+        JobKind.revert, {"edit_id": edit_id, "mode": body.mode, "request_id": request_id.get()}
+    )
     publish(state, job.id)
     return await job_answer(state, job.id, body.wait)

@@ -6,17 +6,17 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import StreamingResponse
 
 from ...engine.engine import Engine
 from ...engine.generation import GenerationRequest, SamplingParams
 from ...state import ServiceState
-from ..deps import EngineDep, StateDep
+from ..deps import EngineDep, StateDep, require
 from ..errors import bad_input
 from ..schemas import GenerateIn, GenerateOut, GenerateParameters
 
-router = APIRouter(prefix="/v1", tags=["generate"])
+router = APIRouter(prefix="/v1", tags=["generate"], dependencies=[Depends(require("generate"))])
 
 MAX_PROMPTS = 64
 
@@ -77,6 +77,7 @@ async def generate(
         )
         for o in outputs
     ]
+    state.metrics.generated_tokens.inc(sum(o.tokens for o in outputs))
     response.headers["X-Model-Version"] = str(results[0].model_version)
     return results[0] if isinstance(body.inputs, str) else results
 
@@ -111,6 +112,7 @@ async def generate_stream(
             token = {"token": {"id": index, "text": text}, "generated_text": None}
             yield f"data: {json.dumps(token)}\n\n"
         output = task.result()
+        state.metrics.generated_tokens.inc(output.tokens)
         final = {
             "token": None,
             "generated_text": output.text,

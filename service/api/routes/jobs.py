@@ -6,17 +6,17 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...state import ServiceState
-from ..deps import StateDep
+from ..deps import StateDep, authenticated
 from ..errors import not_found
 from ..schemas import JobOut
 from ..views import job_out
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(authenticated)])
 
 
 def _job(state: ServiceState, job_id: int) -> JobOut:

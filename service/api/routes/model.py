@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import JSONResponse
 
 from editors.model_spec import num_layers
 
 from ...ledger.schema import JobKind
 from ...ledger.store import live_edits
-from ..deps import EngineDep, StateDep
+from ...observability import request_id
+from ..deps import EngineDep, StateDep, authenticated, require
 from ..errors import bad_input
 from ..jobs_wait import job_answer, publish
+from ..limits import check_queue_depth
 from ..schemas import JobOut, ModelOut, RollbackIn, VersionOut
 from ..views import version_out
 
-router = APIRouter(prefix="/v1", tags=["model"])
+router = APIRouter(prefix="/v1", tags=["model"], dependencies=[Depends(authenticated)])
 
 
 @router.get("/model", response_model=ModelOut)
@@ -56,7 +58,12 @@ def list_versions(
     return [version_out(v) for v in state.ledger.versions(limit, offset)]
 
 
-@router.post("/rollback", response_model=JobOut, responses={202: {"model": JobOut}})
+@router.post(
+    "/rollback",
+    response_model=JobOut,
+    responses={202: {"model": JobOut}},
+    dependencies=[Depends(require("admin"))],
+)
 async def rollback(body: RollbackIn, state: StateDep, engine: EngineDep) -> JobOut | JSONResponse:
     """Restore the weights of `to_version` exactly (checked against its recorded checksum);
     recorded as a new version whose parent is `to_version`."""
@@ -65,6 +72,9 @@ async def rollback(body: RollbackIn, state: StateDep, engine: EngineDep) -> JobO
         raise bad_input(
             f"version {body.to_version} does not exist (the head is {head.number})", "to_version"
         )
-    job = state.ledger.accept_job(JobKind.rollback, {"to_version": body.to_version})
+    check_queue_depth(state)
+    job = state.ledger.accept_job(
+        JobKind.rollback, {"to_version": body.to_version, "request_id": request_id.get()}
+    )
     publish(state, job.id)
     return await job_answer(state, job.id, body.wait)
