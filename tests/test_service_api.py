@@ -4,6 +4,7 @@ defaults (SQLite, in-process queue, worker in the API process)."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -215,3 +216,25 @@ def test_bfloat16_serving_stays_exact_through_edits_rollback_and_restart(tiny_se
         assert client.get("/v1/model").json()["checksum"] == checksums[2]
     with running_app(settings) as client:
         assert client.get("/readyz").json()["checksum"] == checksums[2]
+
+
+def test_a_corrupt_patch_blob_is_detected_at_start_up_and_never_applied(tiny_settings):
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+
+    settings = tiny_settings()
+    with running_app(settings) as client:
+        _apply(client, FACTS[0])
+        sha = client.get("/v1/versions").json()[0]["patch_sha256"]
+    blob = next(settings.resolved_blob_dir.rglob(f"{sha}.safetensors"))
+    blob.write_bytes(blob.read_bytes()[:-8] + b"\x00" * 8)  # flipped bytes, same size
+    with TestClient(create_app(settings)) as client:
+        for _ in range(600):
+            ready = client.get("/readyz")
+            if "corrupt" in str(ready.json()["stage"]):
+                break
+            time.sleep(0.05)
+        assert ready.status_code == 503 and sha in ready.json()["stage"]
+        refused = client.post("/v1/generate", json={"inputs": "Hi"})
+        assert refused.status_code == 503 and refused.json()["type"] == "unavailable"

@@ -11,8 +11,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,6 +38,7 @@ from .weights import WeightState
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+T = TypeVar("T")
 
 
 class IntegrityError(RuntimeError):
@@ -80,6 +82,7 @@ class Engine:
         self._stats_args = (stats_dir, stats_corpus, stats_samples)
         self._editor: Editor | None = None
         self._patches: OrderedDict[str, Patch] = OrderedDict()
+        self._prefixes_on_base: dict[tuple[int, int, int], list[str]] = {}
         self.batcher = GenerationBatcher(
             self.lane, self._generate_on_lane, generate_max_batch, generate_wait_seconds
         )
@@ -186,19 +189,31 @@ class Engine:
         if head.number != self.version:
             self._restore(head.number)
 
-    def _ensure_statistics(self, layers: list[int]) -> None:
-        """Statistics always describe the base weights: compute missing ones on the base."""
-        stats = self.editor.stats
-        missing = [layer for layer in layers if layer not in getattr(stats, "_moments", {})]
-        if not missing:
-            return
+    def _on_base(self, work: Callable[[], T]) -> T:
+        """Run `work` on the base weights, then put the current ones back."""
         weights = self._weights()
         undo = weights.snapshot()
         try:
             weights.restore([])
-            stats.prepare(missing)
+            return work()
         finally:
             weights.reset_to(undo)
+
+    def _ensure_statistics(self, layers: list[int]) -> None:
+        """Statistics always describe the base weights: compute missing ones on the base."""
+        stats = self.editor.stats
+        missing = [layer for layer in layers if layer not in getattr(stats, "_moments", {})]
+        if missing:
+            self._on_base(lambda: stats.prepare(missing))
+
+    def _base_prefixes(self, hparams: Any) -> list[str]:
+        """Context prefixes sampled from the base weights, so an edit is a function of the
+        ledger alone: a restarted worker computes the same patch as one that never stopped."""
+        key = (hparams.prefixes, hparams.prefix_length, hparams.seed)
+        if key not in self._prefixes_on_base:
+            self._prefixes_on_base[key] = self._on_base(lambda: self.editor.prefixes(hparams))
+            self.editor._prefixes.clear()
+        return self._prefixes_on_base[key]
 
     def _commit(
         self,
@@ -251,6 +266,7 @@ class Engine:
         if progress is not None and hasattr(stats, "progress"):
             stats.progress = progress  # type: ignore[attr-defined]
         self._ensure_statistics(layers)
+        prefixes = prefixes if prefixes is not None else self._base_prefixes(hparams)
         return editor.compute(requests, method, overrides, progress=progress, prefixes=prefixes)
 
     # -- generation -------------------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""Fault injection on the real PostgreSQL and Redis, scripted and repeatable (seeded):
+the worker process is SIGKILLed at random moments across 50 edits."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+from .service_support import (
+    postgres_database,
+    require_shared_redis,
+    running_app,
+    start_worker,
+    wait_job,
+)
+
+QUICK = {"steps": 5}  # small edits: the test is about the ledger, not the edit quality
+EDITS = 50
+
+
+def _facts() -> list[tuple[str, str, str]]:
+    subjects = [f"Person {chr(65 + i % 26)}{i}" for i in range(EDITS)]
+    targets = ["English", "French", "Paris", "Rome", "piano", "Tokyo", "guitar", "Peru"]
+    return [
+        ("The favourite word of {} is", s, targets[i % len(targets)])
+        for i, s in enumerate(subjects)
+    ]
+
+
+def _accept_all(client) -> list[int]:
+    jobs = []
+    for prompt, subject, target in _facts():
+        body = {"edit": {"prompt": prompt, "subject": subject, "target_new": target},
+                "hparams": QUICK}  # fmt: skip
+        reply = client.post("/v1/edits", json=body)
+        assert reply.status_code == 202, reply.json()
+        jobs.append(reply.json()["job_id"])
+    return jobs
+
+
+def test_worker_killed_at_random_points_applies_every_edit_once_in_order(tiny_settings, tmp_path):
+    with running_app(tiny_settings()) as clean:  # the reference: a run nobody interrupts
+        for job_id in _accept_all(clean):
+            assert wait_job(clean, job_id)["status"] == "applied"
+        expected = clean.get("/v1/model").json()["checksum"]
+
+    chance = random.Random(20261122)
+    kills = 0
+    with postgres_database() as database_url:
+        settings = tiny_settings(
+            database_url=database_url, redis_url=require_shared_redis(), run_worker=False
+        )
+        with running_app(settings) as client:
+            jobs = _accept_all(client)
+            while True:
+                log = tmp_path / f"worker-{kills}.log"
+                worker = start_worker(settings, log)
+                deadline = time.monotonic() + 120
+                while b"ready at version" not in log.read_bytes():
+                    assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.05)
+                time.sleep(chance.uniform(0.05, 1.5))
+                if worker.poll() is None and client.get(f"/v1/jobs/{jobs[-1]}").json()[
+                    "status"
+                ] in ("queued", "running"):
+                    worker.send_signal(signal.SIGKILL)
+                    worker.wait()
+                    kills += 1
+                    continue
+                break
+            try:
+                finished = [wait_job(client, job_id) for job_id in jobs]
+            finally:
+                worker.send_signal(signal.SIGTERM)
+                worker.wait(60)
+            assert kills >= 3, "the script should interrupt the worker several times"
+            assert [job["status"] for job in finished] == ["applied"] * EDITS
+            assert [job["result_version"] for job in finished] == list(range(1, EDITS + 1))
+            versions = client.get("/v1/versions", params={"limit": 1000}).json()
+            assert sorted(v["job_id"] for v in versions if v["job_id"]) == jobs  # once each
+            assert client.get("/v1/model").json()["checksum"] == expected
