@@ -8,6 +8,7 @@ import signal
 import time
 
 from .service_support import (
+    PostgresServer,
     postgres_database,
     require_shared_redis,
     running_app,
@@ -80,3 +81,47 @@ def test_worker_killed_at_random_points_applies_every_edit_once_in_order(tiny_se
             versions = client.get("/v1/versions", params={"limit": 1000}).json()
             assert sorted(v["job_id"] for v in versions if v["job_id"]) == jobs  # once each
             assert client.get("/v1/model").json()["checksum"] == expected
+
+
+def test_postgres_restarted_mid_run_answers_503_then_resumes_by_itself(tiny_settings, tmp_path):
+    database = PostgresServer()
+    database.init()
+    database.start()
+    try:
+        settings = tiny_settings(database_url=database.url, redis_url=require_shared_redis())
+        with running_app(settings) as client:
+            first = client.post("/v1/edits", json=_body(0, {"steps": 400, "stop_nll": 1e-9}))
+            job_id = first.json()["job_id"]
+            _until(lambda: client.get(f"/v1/jobs/{job_id}").json()["status"] == "running")
+            database.stop()  # the database dies while the edit is being computed
+            down = client.get("/v1/edits")
+            assert down.status_code == 503 and down.json()["type"] == "unavailable"
+            assert client.post("/v1/edits", json=_body(1)).status_code == 503  # not accepted
+            assert client.get("/readyz").status_code == 503
+            time.sleep(1.0)
+            database.start()  # and comes back: the service resumes without a restart
+            job = wait_job(client, job_id)
+            assert job["status"] == "applied", job
+            assert len([v for v in client.get("/v1/versions").json() if v["job_id"] == job_id]) == 1
+            second = client.post("/v1/edits", json=_body(2))
+            assert second.status_code == 202
+            assert wait_job(client, second.json()["job_id"])["status"] == "applied"
+            assert client.get("/readyz").status_code == 200
+            model = client.get("/v1/model").json()
+            assert model["version"] == 2
+            assert model["checksum"] == client.get("/v1/versions").json()[0]["checksum"]
+    finally:
+        database.remove()
+
+
+def _body(index: int, hparams: dict | None = None) -> dict:
+    prompt, subject, target = _facts()[index]
+    edit = {"prompt": prompt, "subject": subject, "target_new": target}
+    return {"edit": edit, "hparams": hparams or QUICK}
+
+
+def _until(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

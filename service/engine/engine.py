@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+from sqlalchemy.exc import SQLAlchemyError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editors.editor import Editor, corpus_statistics
@@ -316,6 +317,8 @@ class Engine:
                 self._run_rollback(job)
             else:
                 self._run_revert(job, progress)
+        except SQLAlchemyError:
+            raise  # the ledger is unreachable: the worker retries the job when it is back
         except EditError as exc:
             status = Status.rejected
             self.ledger.finish_job(job_id, status, str(exc), _error_type(exc))
