@@ -38,7 +38,7 @@ async def wait_for_job(state: ServiceState, job_id: int, timeout: float) -> Job:
 
 async def job_answer(state: ServiceState, job_id: int, wait: bool) -> JobOut | JSONResponse:
     """The job when it has ended (200), or as it stands after the wait (202)."""
-    job = await wait_for_job(state, job_id, 120.0 if wait else 0.0)
+    job = await wait_for_job(state, job_id, state.settings.job_wait_seconds if wait else 0.0)
     out = job_out(job, [])
     if not job.status.terminal:
         return JSONResponse(out.model_dump(mode="json"), status_code=202)

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_ID = 2**31 - 1  # ids and versions are 32-bit in the ledger
+
 
 class PromptAnswer(BaseModel):
     prompt: str = Field(min_length=1)
@@ -89,8 +91,10 @@ class JobOut(BaseModel):
 class RollbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    to_version: int = Field(ge=0)
-    wait: bool = Field(True, description="answer when the rollback is done (up to 120 s)")
+    to_version: int = Field(ge=0, le=MAX_ID)
+    wait: bool = Field(
+        True, description="answer when the rollback is done (up to EDITSERVE_JOB_WAIT_SECONDS)"
+    )
 
 
 class RevertIn(BaseModel):
@@ -132,12 +136,12 @@ class GenerateParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(32, ge=0)
+    max_new_tokens: int = Field(32, ge=0, le=MAX_ID)
     do_sample: bool = False
-    temperature: float | None = Field(None, ge=0)
-    top_k: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_k: int | None = Field(None, ge=0, le=MAX_ID)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list, max_length=16)
 
 

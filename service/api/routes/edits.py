@@ -13,7 +13,7 @@ from ..deps import EngineDep, StateDep, authenticated, require
 from ..errors import bad_input, conflict, not_found
 from ..jobs_wait import job_answer, publish
 from ..limits import check_queue_depth
-from ..schemas import Accepted, EditList, EditOut, EditsIn, JobOut, RevertIn
+from ..schemas import MAX_ID, Accepted, EditList, EditOut, EditsIn, JobOut, RevertIn
 from ..validation import validated_edits
 from ..views import edit_out
 
@@ -39,7 +39,7 @@ def list_edits(
     engine: EngineDep,
     response: Response,
     limit: int = Query(50, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_ID),
     status: Status | None = None,
 ) -> EditList:
     head = state.ledger.head()

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
+from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Path
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ...state import ServiceState
 from ..deps import StateDep, authenticated
 from ..errors import not_found
-from ..schemas import JobOut
+from ..schemas import MAX_ID, JobOut
 from ..views import job_out
+
+JobId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(authenticated)])
 
@@ -27,18 +31,23 @@ def _job(state: ServiceState, job_id: int) -> JobOut:
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: int, state: StateDep) -> JobOut:
+def get_job(job_id: JobId, state: StateDep) -> JobOut:
     return _job(state, job_id)
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse)
-def job_events(job_id: int, state: StateDep) -> StreamingResponse:
-    """Server-sent events: `progress` whenever stage or percent change, then `done`."""
+def job_events(job_id: JobId, state: StateDep) -> StreamingResponse:
+    """Server-sent events: `progress` whenever stage or percent change, then `done`; after
+    EDITSERVE_JOB_WAIT_SECONDS a `timeout` event ends the stream (reconnect to go on)."""
     _job(state, job_id)  # 404 before the stream starts
+    deadline = time.monotonic() + state.settings.job_wait_seconds
 
     async def events() -> AsyncIterator[str]:
         last = None
         while True:
+            if time.monotonic() > deadline:
+                yield "event: timeout\ndata: {}\n\n"
+                return
             job = await run_in_threadpool(_job, state, job_id)
             seen = (job.status, job.stage, job.percent)
             if seen != last:

@@ -14,7 +14,7 @@ from ..deps import EngineDep, StateDep, authenticated, require
 from ..errors import bad_input
 from ..jobs_wait import job_answer, publish
 from ..limits import check_queue_depth
-from ..schemas import JobOut, ModelOut, RollbackIn, VersionOut
+from ..schemas import MAX_ID, JobOut, ModelOut, RollbackIn, VersionOut
 from ..views import version_out
 
 router = APIRouter(prefix="/v1", tags=["model"], dependencies=[Depends(authenticated)])
@@ -53,7 +53,7 @@ async def get_model(state: StateDep, engine: EngineDep, response: Response) -> M
 
 @router.get("/versions", response_model=list[VersionOut])
 def list_versions(
-    state: StateDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)
+    state: StateDep, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_ID)
 ) -> list[VersionOut]:
     return [version_out(v) for v in state.ledger.versions(limit, offset)]
 
