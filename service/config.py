@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=default_cache_dir)
     stats_corpus: Path | None = Field(None, description="text/JSONL corpus for statistics")
     stats_samples: int = Field(20_000, gt=0)
+    precompute_statistics: bool = Field(
+        True, description="compute the default layers' statistics before reporting ready"
+    )
     auto_migrate: bool = Field(True, description="run the ledger migrations at start-up")
     run_worker: bool = Field(True, description="run the edit worker inside the API process")
     worker_name: str = Field("worker-1", description="stable Redis consumer name")

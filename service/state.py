@@ -82,6 +82,7 @@ class ServiceState:
                 generate_max_batch=self.settings.generate_max_batch,
                 generate_wait_seconds=self.settings.generate_batch_wait_ms / 1000,
                 metrics=self.metrics,
+                precompute_statistics=self.settings.precompute_statistics,
             )
             self.engine = engine
             engine.start()

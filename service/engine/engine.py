@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editors.editor import Editor, corpus_statistics
 from editors.errors import EditError
+from editors.methods import METHODS
 from editors.model_spec import num_layers
 from editors.patch import FactoredDelta, Patch
 from editors.result import EditResult
@@ -72,7 +73,9 @@ class Engine:
         generate_max_batch: int = 32,
         generate_wait_seconds: float = 0.02,
         metrics: ServiceMetrics | None = None,
+        precompute_statistics: bool = True,
     ) -> None:
+        self._precompute_statistics = precompute_statistics
         self.metrics = metrics
         self.model, self.tok, self.ledger, self.blobs = model, tok, ledger, blobs
         self.lane = ModelLane()
@@ -113,12 +116,31 @@ class Engine:
         stats_dir, corpus, samples = self._stats_args
         stats = corpus_statistics(self.model, self.tok, stats_dir, corpus, samples)
         self._editor = Editor(self.model, self.tok, stats)
+        if self._precompute_statistics:
+            self._prepare_default_statistics()
         self.state.seconds["statistics_setup"] = time.perf_counter() - began
         began = time.perf_counter()
         self.state.stage = "replaying the ledger"
         head = self.ledger.head()
         self._replay(self.ledger.chain(head.number))
         self.state.seconds["replay"] = time.perf_counter() - began
+
+    def _prepare_default_statistics(self) -> None:
+        """Statistics of every layer a method edits by default, before the service is ready:
+        computed once (minutes on a CPU) and cached, so no edit stalls the lane for them."""
+        editor = self.editor
+        n_layers = num_layers(self.model, editor.spec)
+        layers = sorted(
+            {layer for name in METHODS for layer in editor.hparams(name).edited_layers(n_layers)}
+        )
+        stats = editor.stats
+
+        def report(fraction: float, stage: str) -> None:
+            self.state.stage = f"statistics: {stage} ({100 * fraction:.0f} %)"
+
+        if hasattr(stats, "progress"):
+            stats.progress = report  # type: ignore[attr-defined]
+        self._ensure_statistics(layers)
 
     def _replay(self, chain: list[Version]) -> None:
         """Restore `chain` from the base, checking each version's checksum on the way."""
