@@ -1,10 +1,13 @@
-"""Fault injection on the real PostgreSQL and Redis, scripted and repeatable (seeded):
-the worker process is SIGKILLed at random moments across 50 edits."""
+"""Fault injection, scripted and repeatable: the worker SIGKILLed at seeded random moments
+across 50 edits (real PostgreSQL and Redis), PostgreSQL stopped mid-edit, the blob store's
+disk full."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
+import subprocess
 import time
 
 from .service_support import (
@@ -125,3 +128,25 @@ def _until(condition, timeout: float = 120.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_disk_full_on_the_blob_store_fails_the_edit_and_applies_nothing(tiny_settings, tmp_path):
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(blobs)], check=True)
+    try:
+        with running_app(tiny_settings(blob_dir=blobs)) as client:
+            before = client.get("/v1/model").json()
+            filler = blobs / "filler"
+            with contextlib.suppress(OSError), filler.open("wb", buffering=0) as handle:
+                while True:  # fill the store's disk to the last byte
+                    handle.write(b"\0" * 4096)
+            job = wait_job(client, client.post("/v1/edits", json=_body(0)).json()["job_id"])
+            assert job["status"] == "failed" and "No space left" in job["error"], job
+            after = client.get("/v1/model").json()
+            assert (after["version"], after["checksum"]) == (before["version"], before["checksum"])
+            filler.unlink()  # space again: the next edit goes through
+            job = wait_job(client, client.post("/v1/edits", json=_body(1)).json()["job_id"])
+            assert job["status"] == "applied" and job["result_version"] == 1
+    finally:
+        subprocess.run(["umount", str(blobs)], check=True)
