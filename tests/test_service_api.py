@@ -238,3 +238,36 @@ def test_a_corrupt_patch_blob_is_detected_at_start_up_and_never_applied(tiny_set
         assert ready.status_code == 503 and sha in ready.json()["stage"]
         refused = client.post("/v1/generate", json={"inputs": "Hi"})
         assert refused.status_code == 503 and refused.json()["type"] == "unavailable"
+
+
+def test_evaluate_scores_cases_and_edits_against_the_base(tiny_settings):
+    """The contract of /v1/evaluate; that an edit moves the scores is shown on SmolLM2."""
+    case = {
+        "prompt": "The mother tongue of {} is",
+        "subject": "Danielle Darrieux",
+        "target_new": "English",
+        "target_true": "French",
+        "paraphrases": ["Danielle Darrieux spoke the language"],
+        "locality": [{"prompt": "The capital of France is", "answer": "Paris"}],
+        "portability": [{"prompt": "Danielle Darrieux's mother tongue is", "answer": "English"}],
+    }
+    with running_app(tiny_settings()) as client:
+        before = client.post("/v1/evaluate", json={"cases": [case]}).json()
+        assert before["model_version"] == 0 and before["cases"] == 1
+        assert before["metrics"] == before["baseline"]  # version 0 is the base
+        assert before["metrics"]["locality"] == 1.0  # the base agrees with itself
+        accepted = client.post("/v1/edits", json={"edit": case})
+        assert wait_job(client, accepted.json()["job_id"])["status"] == "applied"
+        after = client.post("/v1/evaluate", json={"edit_ids": accepted.json()["edit_ids"]})
+        assert after.headers["X-Model-Version"] == "1"
+        scores, base = after.json()["metrics"], after.json()["baseline"]
+        assert base == before["baseline"]  # the stored request, scored on the base again
+        assert set(scores) >= {"reliability", "generalization", "locality", "portability",
+                               "efficacy", "paraphrase", "neighborhood"}  # fmt: skip
+        assert all(value is not None for value in scores.values())
+        both = client.post("/v1/evaluate", json={"cases": [case], "edit_ids": ["x"]})
+        assert both.status_code == 422 and both.json()["field"] == "cases"
+        unknown = client.post("/v1/evaluate", json={"edit_ids": ["nope"]})
+        assert unknown.status_code == 404 and unknown.json()["field"] == "edit_ids.0"
+        bad = client.post("/v1/evaluate", json={"cases": [{**case, "prompt": "No subject"}]})
+        assert bad.status_code == 422 and bad.json()["field"] == "cases.0.prompt"

@@ -7,7 +7,6 @@ import pytest
 
 from .conftest import CACHE, REAL_MODEL_STATS_SAMPLES
 from .service_support import (
-    post_edit,
     postgres_database,
     require_shared_redis,
     running_app,
@@ -49,8 +48,10 @@ def test_edits_generate_rollback_restart_and_rebase_on_smollm2(tmp_path):
                 assert truth in answer
 
             edit_ids, checksums, answers = [], {}, {}
-            for prompt, subject, target, _ in FACTS:
-                accepted = post_edit(client, prompt, subject, target)
+            for prompt, subject, target, truth in FACTS:
+                edit = {"prompt": prompt, "subject": subject, "target_new": target,
+                        "target_true": truth}  # fmt: skip
+                accepted = client.post("/v1/edits", json={"edit": edit}).json()
                 job = wait_job(client, accepted["job_id"])
                 assert job["status"] == "applied", job
                 edit_ids.append(accepted["edit_ids"][0])
@@ -59,6 +60,10 @@ def test_edits_generate_rollback_restart_and_rebase_on_smollm2(tmp_path):
             edited = answers[3]
             for answer, (_, _, target, _) in zip(edited, FACTS, strict=True):
                 assert target in answer  # all three edits show in /generate
+
+            scored = client.post("/v1/evaluate", json={"edit_ids": edit_ids}).json()
+            assert scored["metrics"]["reliability"] == 1.0 and scored["metrics"]["efficacy"] == 1.0
+            assert scored["baseline"]["efficacy"] == 0.0  # the base prefers the true answers
 
             # revert the oldest edit by rebase: the others hold, its old fact is back
             reverted = client.post(f"/v1/edits/{edit_ids[0]}/revert", json={"mode": "rebase"})

@@ -88,6 +88,23 @@ class JobOut(BaseModel):
     finished_at: datetime | None
 
 
+class EvaluateIn(BaseModel):
+    """Cases to score (`cases`), or the stored requests of earlier edits (`edit_ids`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cases: list[EditIn] | None = None
+    edit_ids: list[str] | None = None
+    baseline: bool = Field(True, description="also score the base weights (version 0)")
+
+
+class EvaluateOut(BaseModel):
+    model_version: int
+    cases: int
+    metrics: dict[str, float | None]
+    baseline: dict[str, float | None] | None
+
+
 class RollbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

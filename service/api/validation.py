@@ -43,13 +43,13 @@ def validated_edits(
     except EditError as exc:
         raise from_edit_error(exc, "hparams.") from exc
     return (
-        [_request(prefix, item, engine, settings) for prefix, item in items],
+        [checked_request(prefix, item, engine, settings) for prefix, item in items],
         body.method,
         dict(body.hparams),
     )
 
 
-def _request(prefix: str, item: EditIn, engine: Engine, settings: Settings) -> EditRequest:
+def checked_request(prefix: str, item: EditIn, engine: Engine, settings: Settings) -> EditRequest:
     tok = engine.tok
     try:
         request = EditRequest(

@@ -22,8 +22,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from editors.editor import Editor, corpus_statistics
 from editors.errors import EditError
 from editors.methods import METHODS
+from editors.metrics import evaluate, locality_reference
 from editors.model_spec import num_layers
 from editors.patch import FactoredDelta, Patch
+from editors.requests import EditRequest
 from editors.result import EditResult
 
 from ..ledger.blobs import BlobStore
@@ -291,6 +293,27 @@ class Engine:
         self._ensure_statistics(layers)
         prefixes = prefixes if prefixes is not None else self._base_prefixes(hparams)
         return editor.compute(requests, method, overrides, progress=progress, prefixes=prefixes)
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    async def evaluate(
+        self, requests: list[EditRequest], baseline: bool
+    ) -> tuple[int, dict[str, float | None], dict[str, float | None] | None]:
+        """EasyEdit and CounterFact metrics at the current version; locality compares with
+        the base weights' predictions, and `baseline` scores the base weights as well."""
+
+        def on_lane() -> tuple[int, dict[str, float | None], dict[str, float | None] | None]:
+            self._follow_head()
+            reference = self._on_base(lambda: locality_reference(self.model, self.tok, requests))
+            scores = evaluate(self.model, self.tok, requests, reference)
+            base = (
+                self._on_base(lambda: evaluate(self.model, self.tok, requests, reference))
+                if baseline
+                else None
+            )
+            return self.version, scores, base
+
+        return await self.lane.run(on_lane)
 
     # -- generation -------------------------------------------------------------------------
 
