@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(600, ge=0, description="requests per key; 0: no limit")
     max_body_bytes: int = Field(1_000_000, gt=0)
     max_queue_depth: int = Field(1000, gt=0, description="unfinished jobs before 429")
+    max_job_attempts: int = Field(
+        3, gt=0, description="runs of a job a crash may interrupt before it is failed"
+    )
     job_wait_seconds: float = Field(120.0, ge=0, description="longest wait of wait=true calls")
     log_format: Literal["json", "text"] = "json"
     host: str = "127.0.0.1"

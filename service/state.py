@@ -83,6 +83,7 @@ class ServiceState:
                 generate_wait_seconds=self.settings.generate_batch_wait_ms / 1000,
                 metrics=self.metrics,
                 precompute_statistics=self.settings.precompute_statistics,
+                max_job_attempts=self.settings.max_job_attempts,
             )
             self.engine = engine
             engine.start()

@@ -271,3 +271,15 @@ def test_evaluate_scores_cases_and_edits_against_the_base(tiny_settings):
         assert unknown.status_code == 404 and unknown.json()["field"] == "edit_ids.0"
         bad = client.post("/v1/evaluate", json={"cases": [{**case, "prompt": "No subject"}]})
         assert bad.status_code == 422 and bad.json()["field"] == "cases.0.prompt"
+
+
+def test_a_job_a_crash_interrupted_too_often_fails_instead_of_looping(tiny_settings):
+    with running_app(tiny_settings(run_worker=False, max_job_attempts=2)) as client:
+        job_id = post_edit(client, *FACTS[0])["job_id"]
+        ledger = client.app.state.service.ledger
+        ledger.start_job(job_id)  # two runs that a crash cut short
+        ledger.start_job(job_id)
+    with running_app(tiny_settings(max_job_attempts=2)) as client:
+        job = wait_job(client, job_id)
+        assert job["status"] == "failed" and "interrupted 2 times" in job["error"], job
+        assert client.get("/v1/model").json()["version"] == 0

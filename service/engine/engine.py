@@ -41,7 +41,6 @@ from .weights import WeightState
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 3
 T = TypeVar("T")
 
 
@@ -76,7 +75,9 @@ class Engine:
         generate_wait_seconds: float = 0.02,
         metrics: ServiceMetrics | None = None,
         precompute_statistics: bool = True,
+        max_job_attempts: int = 3,
     ) -> None:
+        self.max_job_attempts = max_job_attempts
         self._precompute_statistics = precompute_statistics
         self.metrics = metrics
         self.model, self.tok, self.ledger, self.blobs = model, tok, ledger, blobs
@@ -346,7 +347,7 @@ class Engine:
             version = self.ledger.head()
             self.ledger.finish_job(job_id, Status.applied, result_version=version.number)
             return
-        if job.attempts >= MAX_ATTEMPTS:
+        if job.attempts >= self.max_job_attempts:
             message = f"interrupted {job.attempts} times while running; not retried"
             self.ledger.finish_job(job_id, Status.failed, message, "Interrupted")
             return
