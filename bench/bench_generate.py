@@ -3,23 +3,18 @@ after another; prints JSON figures.
 
     python bench/bench_generate.py --clients 8 --max-new-tokens 64
 
-Starts `editserve serve` on a free port with a fresh SQLite ledger (the default model).
+Starts `editserve serve` (bench/serving.py: open mode, fresh SQLite ledger, the default model).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
+from serving import running_server
 
 PROMPTS = [
     "The mother tongue of Danielle Darrieux is",
@@ -31,12 +26,6 @@ PROMPTS = [
     "The largest planet in the solar system is",
     "Python is a programming language created by",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _one(client: httpx.Client, prompt: str, tokens: int) -> int:
@@ -52,27 +41,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     args = parser.parse_args()
-    port = _free_port()
-    env = {
-        **os.environ,
-        "EDITSERVE_MODEL": args.model,
-        "EDITSERVE_DATA_DIR": tempfile.mkdtemp(prefix="editserve-bench-"),
-        "EDITSERVE_PORT": str(port),
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--log-level", "warning"],
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(1200):
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with running_server(args.model) as url:
         prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.clients)]
         limits = httpx.Limits(max_connections=args.clients)
         with httpx.Client(base_url=url, timeout=600, limits=limits) as client:
@@ -85,9 +54,6 @@ def main() -> None:
             with ThreadPoolExecutor(args.clients) as pool:
                 counts = list(pool.map(lambda p: _one(client, p, args.max_new_tokens), prompts))
             concurrent = time.perf_counter() - started
-    finally:
-        server.terminate()
-        server.wait(60)
     sequential_rate = sequential_tokens / sequential
     concurrent_rate = sum(counts) / concurrent
     print(

@@ -12,18 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import httpx
+from serving import running_server
 
 PROMPTS = [
     "The mother tongue of Danielle Darrieux is",
@@ -39,12 +34,6 @@ EDITS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
@@ -58,22 +47,6 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     args = parser.parse_args()
-    port = _free_port()
-    env = {
-        **os.environ,
-        "EDITSERVE_MODEL": args.model,
-        "EDITSERVE_DATA_DIR": tempfile.mkdtemp(prefix="editserve-load-"),
-        "EDITSERVE_PORT": str(port),
-        "EDITSERVE_AUTH": "open",
-        "EDITSERVE_RATE_LIMIT_PER_MINUTE": "0",
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--log-level", "warning"],
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
     latencies: list[float] = []
     errors: list[str] = []
     answers: dict[tuple[str, int], set[str]] = defaultdict(set)
@@ -116,14 +89,7 @@ def main() -> None:
                 else:
                     accepted.append(reply.json()["job_id"])
 
-    try:
-        for _ in range(1200):
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with running_server(args.model) as url:
         httpx.post(f"{url}/v1/generate", json={"inputs": "Hi"}, timeout=600)  # warm-up
         accepted: list[int] = []
         threads = [threading.Thread(target=generator, args=(i,)) for i in range(args.clients)]
@@ -137,9 +103,6 @@ def main() -> None:
             thread.join()
         elapsed = time.perf_counter() - started
         jobs = [httpx.get(f"{url}/v1/jobs/{j}").json()["status"] for j in accepted]
-    finally:
-        server.terminate()
-        server.wait(60)
     torn = sum(1 for texts in answers.values() if len(texts) > 1)
     print(
         json.dumps(

@@ -7,6 +7,7 @@ the record fails the weights go back, so the live model is always at a recorded 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -259,16 +260,7 @@ class Engine:
                 weights.apply(patch)
                 sha = self.blobs.put(patch.to_bytes())
                 self._patches[sha] = patch
-            new = NewVersion(
-                kind=new.kind,
-                parent=new.parent,
-                checksum=weights.checksum(),
-                patch_sha256=sha,
-                edit_ids=new.edit_ids,
-                reverts=new.reverts,
-                note=new.note,
-                seconds=new.seconds,
-            )
+            new = dataclasses.replace(new, checksum=weights.checksum(), patch_sha256=sha)
             version = self.ledger.add_version(new, job_id, finish_job, applied_edits, diagnostics)
         except BaseException:
             weights.reset_to(undo)
