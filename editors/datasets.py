@@ -16,7 +16,10 @@ FORMATS = ("counterfact", "zsre", "knowedit", "mquake")
 
 
 class DatasetError(EditError):
-    """A dataset file or record is not in a known format."""
+    """A dataset file or record is not in a known format; `record` is the bad record's
+    index, where one is to blame."""
+
+    record: int | None = None
 
 
 @dataclass(frozen=True)
@@ -181,25 +184,46 @@ def load_cases(
     `dataset` is one of FORMATS; without it the first record's fields decide. A malformed
     record raises, unless a `problems` list is given: then it is skipped and its error added.
     """
+    check_format(dataset)
+    records = read_records(path)[start : None if count is None else start + count]
+    return cases_from_records(records, dataset, str(path), start, problems, source_field="path")
+
+
+def check_format(dataset: str | None) -> None:
     if dataset is not None and dataset not in _READERS:
         raise DatasetError(f"unknown dataset {dataset!r}; known: {list(FORMATS)}", field="dataset")
-    records = read_records(path)[start : None if count is None else start + count]
+
+
+def cases_from_records(
+    records: list[Any],
+    dataset: str | None = None,
+    source: str = "upload",
+    start: int = 0,
+    problems: list[DatasetError] | None = None,
+    source_field: str = "records",
+) -> list[Any]:
+    """`load_cases` on records already read (an upload); `source` names them in errors and
+    `source_field` is the field an unrecognised format is blamed on."""
+    check_format(dataset)
     if not records:
         return []
+    for index, record in enumerate(records, start=start):
+        if not isinstance(record, dict):
+            raise DatasetError(f"{source}: record {index} is not a JSON object", field=source_field)
     if dataset is None:
         try:
             dataset = detect_format(records[0])
         except KeyError:
             raise DatasetError(
-                f"{path}: record {start} is in none of the formats {list(FORMATS)} "
+                f"{source}: record {start} is in none of the formats {list(FORMATS)} "
                 f"(its fields: {sorted(records[0])})",
-                field="path",
+                field=source_field,
             ) from None
     reader = _READERS[dataset]
     cases = []
     for index, record in enumerate(records, start=start):
         try:
-            cases.append(_read(reader, record, path, index, dataset))
+            cases.append(_read(reader, record, source, index, dataset))
         except DatasetError as exc:
             if problems is None:
                 raise
@@ -208,6 +232,14 @@ def load_cases(
 
 
 def _read(reader: Any, record: dict, path: str | Path, index: int, dataset: str) -> Any:
+    try:
+        return _read_one(reader, record, path, index, dataset)
+    except DatasetError as exc:
+        exc.record = index
+        raise
+
+
+def _read_one(reader: Any, record: dict, path: str | Path, index: int, dataset: str) -> Any:
     try:
         return reader(record)
     except KeyError as exc:

@@ -9,7 +9,8 @@ CounterFact family (probability comparisons, mean token NLL per answer):
   efficacy        NLL(new) < NLL(true) on the edit prompt          (ES, magnitude P(new)-P(true))
   paraphrase      the same on the paraphrases                      (PS)
   neighborhood    NLL(true) < NLL(new) on the locality prompts     (NS)
-Fluency: ROME's weighted 2/3-gram entropy of greedy generations.
+Fluency: ROME's weighted 2/3-gram entropy of greedy generations; perplexity of fixed text.
+MQuAKE multi-hop accuracy: any of a case's questions answered with the new answer.
 """
 
 from __future__ import annotations
@@ -114,17 +115,41 @@ def locality_reference(
     ]
 
 
+METRICS = (
+    "reliability",
+    "generalization",
+    "locality",
+    "portability",
+    "efficacy",
+    "efficacy_magnitude",
+    "paraphrase",
+    "neighborhood",
+    "neighborhood_magnitude",
+)
+
+CaseMetrics = dict[str, float | None]
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def evaluate(
+def mean_metrics(per_case: list[CaseMetrics]) -> CaseMetrics:
+    """The mean of each metric over the cases that have it (None where none has)."""
+    names = list(dict.fromkeys(name for case in per_case for name in case))
+    return {
+        name: _mean([v for case in per_case if (v := case.get(name)) is not None]) for name in names
+    }
+
+
+def evaluate_cases(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     requests: list[EditRequest],
     reference: list[list[list[int]]] | None = None,
-) -> dict[str, float | None]:
-    """Mean metrics over `requests`; None where no request has the data for a metric.
+) -> list[CaseMetrics]:
+    """The metrics of each request (each the mean over its prompts; None where it has no
+    data for a metric), all requests scored in one batched pass.
 
     `reference` (from `locality_reference` before the edit) makes locality the EasyEdit
     agreement with the pre-edit predictions; without it locality is accuracy on the stated
@@ -132,28 +157,16 @@ def evaluate(
     """
     plan = _plan(requests)
     if not plan.pairs:
-        return {}
+        return [dict.fromkeys(METRICS) for _ in requests]
     s = score_pairs(model, tok, plan.pairs)
     g = plan.groups
 
     def per(metric: str, i: int) -> list[int]:
         return g[metric][i] if metric in g and i < len(g[metric]) else []
 
-    out: dict[str, list[float]] = {
-        k: []
-        for k in (
-            "reliability",
-            "generalization",
-            "locality",
-            "portability",
-            "efficacy",
-            "efficacy_magnitude",
-            "paraphrase",
-            "neighborhood",
-            "neighborhood_magnitude",
-        )
-    }
+    cases = []
     for i in range(len(requests)):
+        out: dict[str, list[float]] = {name: [] for name in METRICS}
         out["reliability"] += [s.accuracy(j) for j in per("rewrite:new", i)]
         out["generalization"] += [s.accuracy(j) for j in per("paraphrase:new", i)]
         out["portability"] += [s.accuracy(j) for j in per("portability", i)]
@@ -172,7 +185,58 @@ def evaluate(
         for true, new in zip(per("locality:answer", i), per("locality:new", i), strict=False):
             out["neighborhood"].append(float(s.nll[true] < s.nll[new]))
             out["neighborhood_magnitude"].append(math.exp(-s.nll[true]) - math.exp(-s.nll[new]))
-    return {k: _mean(v) for k, v in out.items()}
+        cases.append({name: _mean(values) for name, values in out.items()})
+    return cases
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    reference: list[list[list[int]]] | None = None,
+) -> CaseMetrics:
+    """Mean metrics over `requests` (each request weighs the same, as in EasyEdit)."""
+    if not requests:
+        return {}
+    return mean_metrics(evaluate_cases(model, tok, requests, reference))
+
+
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, tok: PreTrainedTokenizerBase, text: str) -> float:
+    """exp(mean token NLL) of `text`: a probe of how much edits damaged the language model."""
+    device = next(model.parameters()).device
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", 2048
+    )
+    ids = torch.tensor([encode_prompt(tok, text)[:limit]], device=device)
+    logits = model(input_ids=ids).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    return float(torch.exp(nll))
+
+
+def multi_hop_accuracy(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    questions: list[list[str]],
+    answers: list[list[str]],
+) -> list[float]:
+    """MQuAKE: per case, 1.0 when the greedy (teacher-forced) answer to any of its
+    questions is exactly one of its accepted answers, else 0.0; one batched pass."""
+    pairs: list[Pair] = []
+    owner: list[int] = []
+    for case, (asked, accepted) in enumerate(zip(questions, answers, strict=True)):
+        for question in asked:
+            for answer in accepted:
+                pairs.append((question, answer))
+                owner.append(case)
+    hits = [0.0] * len(questions)
+    if not pairs:
+        return hits
+    s = score_pairs(model, tok, pairs)
+    for index, case in enumerate(owner):
+        if s.predicted[index] == s.answers[index]:
+            hits[case] = 1.0
+    return hits
 
 
 def ngram_entropy(

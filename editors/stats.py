@@ -261,6 +261,10 @@ class CorpusStatistics(_InverseMemo):
             self.max_length,
         )
 
+    def missing(self, layers: list[int]) -> list[int]:
+        """The layers whose statistics are not in memory yet (`prepare` loads or computes)."""
+        return [layer for layer in layers if layer not in self._moments]
+
     def prepare(self, layers: list[int]) -> None:
         missing = []
         for layer in layers:

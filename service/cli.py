@@ -10,6 +10,8 @@ from pathlib import Path
 from editors import EditError, EditRequest, apply_patch
 from editors.hparams import parse_overrides
 
+from .evaluations import cli as evaluations_cli
+
 
 def cmd_edit(args: argparse.Namespace) -> int:
     import torch
@@ -226,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = actions.add_parser("revoke", help="revoke a key by id or prefix")
     revoke.add_argument("key")
     keys.set_defaults(func=cmd_keys)
+
+    evaluations_cli.add_parser(sub)
     return parser
 
 

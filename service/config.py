@@ -14,6 +14,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from editors.models import DEFAULT_MODEL, default_cache_dir
 
+from .evaluations.sources import default_benchmark_dir
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDITSERVE_", extra="ignore")
@@ -26,6 +28,10 @@ class Settings(BaseSettings):
     blob_dir: Path | None = Field(None, description="default: data_dir/blobs")
     redis_url: str | None = Field(None, description="unset: the in-process queue")
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    benchmark_dir: Path = Field(
+        default_factory=default_benchmark_dir, description="folder of the benchmark files"
+    )
+    max_evaluation_cases: int = Field(10_000, gt=0, description="cases per evaluation job")
     stats_corpus: Path | None = Field(None, description="text/JSONL corpus for statistics")
     stats_samples: int = Field(20_000, gt=0)
     precompute_statistics: bool = Field(

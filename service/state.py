@@ -18,6 +18,7 @@ from .api.limits import RateLimiter
 from .auth import KeyStore
 from .config import Settings
 from .engine.engine import Engine, resolve_device, torch_dtype
+from .evaluations.jobs import EvaluationWorker
 from .ledger.blobs import FileBlobStore
 from .ledger.db import make_engine, migrate, session_factory
 from .ledger.store import Ledger
@@ -40,6 +41,7 @@ class ServiceState:
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     engine: Engine | None = None
     worker: EditWorker | None = None
+    evaluation_worker: EvaluationWorker | None = None
     boot_error: str | None = None
     _boot_thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -91,6 +93,8 @@ class ServiceState:
                 self.worker = EditWorker(engine, self.queue, self.settings.queue_poll_seconds)
                 self._republish_pending()
                 self.worker.start()
+                self.evaluation_worker = EvaluationWorker(engine, self.settings)
+                self.evaluation_worker.start()
         except Exception as exc:
             log.exception("start-up failed")
             self.boot_error = f"{type(exc).__name__}: {exc}"
@@ -119,6 +123,8 @@ class ServiceState:
 
     def close(self) -> None:
         self.wait_booted(timeout=600)
+        if self.evaluation_worker is not None:
+            self.evaluation_worker.stop()
         if self.worker is not None:
             self.worker.stop()
         if self.engine is not None:

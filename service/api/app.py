@@ -15,7 +15,7 @@ from ..observability import new_request_id, request_id
 from ..state import ServiceState
 from .errors import install_error_handlers
 from .limits import BodySizeLimit
-from .routes import edits, evaluate, generate, health, jobs, model
+from .routes import edits, evaluate, evaluations, generate, health, jobs, model
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (health, edits, jobs, model, generate, evaluate):
+    for module in (health, edits, jobs, model, generate, evaluate, evaluations):
         app.include_router(module.router)
 
     @app.get("/metrics", include_in_schema=False)

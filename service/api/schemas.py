@@ -175,3 +175,45 @@ class GenerateOut(BaseModel):
     generated_tokens: int
     prompt_tokens: int
     model_version: int
+
+
+class EvaluationIn(BaseModel):
+    """A dataset evaluation job. The cases come from exactly one of: a named benchmark
+    (`dataset`, `split`, `count`, `start`), uploaded benchmark records (`records`, in
+    `format` or detected), or edits in the API's own JSON (`cases`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str | None = Field(None, examples=["counterfact"])
+    split: str | None = Field(None, examples=["edit"])
+    count: int = Field(100, ge=1, le=MAX_ID, description="cases taken from the benchmark")
+    start: int = Field(0, ge=0, le=MAX_ID)
+    records: list[Any] | None = Field(None, description="your own cases in a benchmark format")
+    format: Literal["counterfact", "zsre", "knowedit", "mquake"] | None = None
+    cases: list[EditIn] | None = None
+    method: str = Field("rome", examples=["rome", "memit"])
+    protocol: Literal["none", "single", "batch", "sequential"] = "single"
+    batch_size: int | None = Field(None, ge=1, le=MAX_ID)
+    checkpoint_every: int | None = Field(None, ge=1, le=MAX_ID)
+    hparams: dict[str, Any] = Field(default_factory=dict, description="overrides, by name")
+    fluency: bool = Field(True, description="also measure n-gram entropy of generations")
+    at_head: bool = Field(False, description="start from the ledger head, not the base")
+
+
+class EvaluationOut(BaseModel):
+    id: int
+    status: str
+    stage: str
+    percent: float
+    source: dict[str, Any]
+    plan: dict[str, Any]
+    cases: int
+    error: str | None
+    summary: dict[str, Any] | None = Field(
+        None, description="baseline, final and checkpoint metrics (as far as the run got)"
+    )
+    results_url: str
+    csv_url: str
+    report_url: str
+    created_at: datetime
+    finished_at: datetime | None

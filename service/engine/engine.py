@@ -13,6 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from editors.model_spec import num_layers
 from editors.patch import FactoredDelta, Patch
 from editors.requests import EditRequest
 from editors.result import EditResult
+from editors.stats import CorpusStatistics
 
 from ..ledger.blobs import BlobStore
 from ..ledger.schema import Job, JobKind, Status, Version, VersionKind
@@ -229,7 +231,7 @@ class Engine:
     def _ensure_statistics(self, layers: list[int]) -> None:
         """Statistics always describe the base weights: compute missing ones on the base."""
         stats = self.editor.stats
-        missing = [layer for layer in layers if layer not in getattr(stats, "_moments", {})]
+        missing = stats.missing(layers) if isinstance(stats, CorpusStatistics) else []
         if missing:
             self._on_base(lambda: stats.prepare(missing))
 
@@ -288,6 +290,25 @@ class Engine:
         return editor.compute(requests, method, overrides, progress=progress, prefixes=prefixes)
 
     # -- evaluation -------------------------------------------------------------------------
+
+    def sandbox(self, method: str, overrides: dict[str, Any], at_head: bool = False) -> Editor:
+        """An editor on a private copy of the model (base weights, or the ledger head's),
+        for evaluation runs that edit freely while the served model goes on serving. The
+        method's statistics are prepared on the base first, so the copy never computes any.
+        The copy costs the model's memory once more while the run lasts."""
+
+        def on_lane() -> Editor:
+            editor = self.editor
+            hparams = editor.hparams(method, overrides)
+            self._ensure_statistics(hparams.edited_layers(num_layers(self.model, editor.spec)))
+            if at_head:
+                self._follow_head()
+                copy = deepcopy(self.model)
+            else:
+                copy = self._on_base(lambda: deepcopy(self.model))
+            return Editor(copy, self.tok, editor.stats, editor.spec)
+
+        return self.lane.call(on_lane)
 
     async def evaluate(
         self, requests: list[EditRequest], baseline: bool

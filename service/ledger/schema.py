@@ -7,7 +7,18 @@ import enum
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -25,16 +36,19 @@ class Status(enum.StrEnum):
     applied = "applied"
     rejected = "rejected"  # the request cannot be edited (the reason is recorded)
     failed = "failed"  # an unexpected error (the error is recorded)
+    completed = "completed"  # an evaluation that ran to its end
+    cancelled = "cancelled"  # an evaluation stopped on request (its results so far kept)
 
     @property
     def terminal(self) -> bool:
-        return self in (Status.applied, Status.rejected, Status.failed)
+        return self not in (Status.queued, Status.running)
 
 
 class JobKind(enum.StrEnum):
     edit = "edit"
     rollback = "rollback"
     revert = "revert"
+    evaluate = "evaluate"  # a dataset evaluation on a copy of the model; no version
 
 
 class VersionKind(enum.StrEnum):
@@ -66,6 +80,24 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # what the job produced
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+class EvaluationResult(Base):
+    """One measured row of an evaluation job (see editors.evaluation.EvaluationRow)."""
+
+    __tablename__ = "evaluation_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    edits_done: Mapped[int] = mapped_column(Integer)
+    case_id: Mapped[str | None] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]] = mapped_column()
+    baseline: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Edit(Base):

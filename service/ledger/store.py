@@ -12,7 +12,16 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from .schema import Edit, Job, JobKind, Status, Version, VersionKind, utcnow
+from .schema import (
+    Edit,
+    EvaluationResult,
+    Job,
+    JobKind,
+    Status,
+    Version,
+    VersionKind,
+    utcnow,
+)
 
 
 class LedgerMismatchError(RuntimeError):
@@ -184,16 +193,56 @@ class Ledger:
         with self.sessions() as session:
             return session.get(Job, job_id)
 
-    def next_pending_job(self) -> Job | None:
-        """The oldest job not yet finished: queued, or running when a worker was interrupted."""
+    def next_pending_job(self, evaluations: bool = False) -> Job | None:
+        """The oldest job not yet finished (queued, or running when a worker was
+        interrupted): of the model's own jobs, or with `evaluations` of the evaluation jobs,
+        which run apart on a copy of the model."""
+        kind = Job.kind == JobKind.evaluate if evaluations else Job.kind != JobKind.evaluate
         with self.sessions() as session:
             query = (
                 select(Job)
-                .where(Job.status.in_([Status.queued, Status.running]))
+                .where(Job.status.in_([Status.queued, Status.running]), kind)
                 .order_by(Job.id)
                 .limit(1)
             )
             return session.scalars(query).first()
+
+    def jobs(self, kind: JobKind, limit: int = 100, offset: int = 0) -> list[Job]:
+        with self.sessions() as session:
+            query = select(Job).where(Job.kind == kind).order_by(Job.id.desc())
+            return list(session.scalars(query.limit(limit).offset(offset)))
+
+    def set_job_result(self, job_id: int, result: dict[str, Any]) -> None:
+        with self.sessions.begin() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.result = result
+
+    def request_cancel(self, job_id: int) -> Job | None:
+        """Ask a queued or running job to stop; a queued one is cancelled at once."""
+        with self.sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.status.terminal:
+                return job
+            job.cancel_requested = True
+            if job.status == Status.queued:
+                job.status, job.stage, job.finished_at = Status.cancelled, "cancelled", utcnow()
+            return job
+
+    def cancel_requested(self, job_id: int) -> bool:
+        with self.sessions() as session:
+            return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+    # -- evaluation results -------------------------------------------------------------------
+
+    def add_evaluation_result(self, job_id: int, row: dict[str, Any]) -> None:
+        with self.sessions.begin() as session:
+            session.add(EvaluationResult(job_id=job_id, **row))
+
+    def evaluation_results(self, job_id: int) -> list[EvaluationResult]:
+        with self.sessions() as session:
+            query = select(EvaluationResult).where(EvaluationResult.job_id == job_id)
+            return list(session.scalars(query.order_by(EvaluationResult.id)))
 
     def pending_job_ids(self) -> list[int]:
         with self.sessions() as session:
@@ -236,7 +285,8 @@ class Ledger:
             job = session.get(Job, job_id)
             assert job is not None
             job.status, job.error, job.error_type = status, error, error_type
-            job.stage, job.finished_at = "done" if status == Status.applied else status, utcnow()
+            done = status in (Status.applied, Status.completed)
+            job.stage, job.finished_at = "done" if done else status, utcnow()
             job.percent = 100.0
             if result_version is not None:
                 job.result_version = result_version

@@ -1,0 +1,325 @@
+"""Run an `EvaluationPlan` over cases on one model, recording rows as it goes.
+
+The model is edited in place and restored exactly (every applied patch reverted) when the
+run ends, however it ends. Each row is handed to `record` as soon as it is measured, so a
+run that stops half-way keeps everything it measured.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..datasets import MultiHopCase
+from ..editor import Editor
+from ..errors import EditError
+from ..metrics import (
+    CaseMetrics,
+    evaluate_cases,
+    fluency,
+    locality_reference,
+    mean_metrics,
+    multi_hop_accuracy,
+    perplexity,
+)
+from ..model_spec import num_layers
+from ..patch import AppliedPatch, apply_patch, revert_patch
+from ..requests import EditRequest
+from .plan import EvaluationPlan, EvaluationRow, EvaluationStopped
+from .probe import PROBE_TEXT
+
+Case = EditRequest | MultiHopCase
+ProgressFn = Callable[[float, str], None]
+
+
+def requests_of(case: Case) -> list[EditRequest]:
+    return list(case.requests) if isinstance(case, MultiHopCase) else [case]
+
+
+class Evaluation:
+    """One run: the editor's model, the cases, the plan, and where the rows go."""
+
+    def __init__(
+        self,
+        editor: Editor,
+        cases: Sequence[Case],
+        plan: EvaluationPlan,
+        record: Callable[[EvaluationRow], None],
+        progress: ProgressFn | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        if not cases:
+            raise EditError("no cases to evaluate", field="cases")
+        self.editor, self.cases, self.plan = editor, list(cases), plan
+        self.model, self.tok = editor.model, editor.tok
+        self._record, self._progress = record, progress
+        self._should_stop = should_stop or (lambda: False)
+        self.rows: list[EvaluationRow] = []
+        self.seconds = {"baseline": 0.0, "editing": 0.0, "scoring": 0.0}
+        self.edits_done = 0
+        self._reference: list[list[list[int]]] = []
+        self._base: list[CaseMetrics] = []
+        self._after: dict[int, CaseMetrics] = {}
+        self._errors: dict[int, str] = {}
+        self._applied: list[AppliedPatch] = []
+        self._fluency_prompts = [requests_of(c)[0].text for c in self.cases[: plan.fluency_prompts]]
+
+    # -- measuring --------------------------------------------------------------------------
+
+    def _case_metrics(self, indices: list[int]) -> list[CaseMetrics]:
+        """Per-case metrics of the model as it is now, all cases in one batched pass."""
+        flat: list[EditRequest] = []
+        reference: list[list[list[int]]] = []
+        owner: list[int] = []
+        for i in indices:
+            for k, request in enumerate(requests_of(self.cases[i])):
+                flat.append(request)
+                reference.append(self._reference[i][k] if self._reference else [])
+                owner.append(i)
+        per_request = evaluate_cases(
+            self.model, self.tok, flat, reference if self._reference else None
+        )
+        per_case = [
+            mean_metrics([m for m, o in zip(per_request, owner, strict=True) if o == i])
+            for i in indices
+        ]
+        hops = [i for i in indices if isinstance(self.cases[i], MultiHopCase)]
+        if hops:
+            multi = [self.cases[i] for i in hops]
+            questions = [list(c.questions) for c in multi]  # type: ignore[union-attr]
+            new = multi_hop_accuracy(
+                self.model,
+                self.tok,
+                questions,
+                [[c.new_answer, *c.new_answer_aliases] for c in multi],  # type: ignore[union-attr]
+            )
+            old = multi_hop_accuracy(
+                self.model,
+                self.tok,
+                questions,
+                [[c.answer] for c in multi],  # type: ignore[union-attr]
+            )
+            position = {i: k for k, i in enumerate(indices)}
+            for k, i in enumerate(hops):
+                per_case[position[i]].update(multi_hop=new[k], multi_hop_original=old[k])
+        return per_case
+
+    def _model_metrics(self, prompts: list[str]) -> CaseMetrics:
+        """Whole-model health: probe perplexity, and n-gram entropy of generations."""
+        out: CaseMetrics = {"perplexity": perplexity(self.model, self.tok, PROBE_TEXT)}
+        if self.plan.fluency and prompts:
+            out["fluency"] = fluency(self.model, self.tok, prompts, self.plan.fluency_tokens)
+        return out
+
+    def _emit(self, row: EvaluationRow) -> None:
+        self.rows.append(row)
+        self._record(row)
+
+    def _report(self, fraction: float, stage: str) -> None:
+        if self._progress is not None:
+            self._progress(min(max(fraction, 0.0), 1.0), stage)
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Carry out the plan; the summary says whether it completed or where it stopped."""
+        started = time.perf_counter()
+        stopped_at: str | None = None
+        try:
+            self._measure_baseline()
+            if self.plan.protocol == "sequential":
+                self._run_sequential()
+            elif self.plan.protocol in ("single", "batch"):
+                self._run_isolated()
+        except EvaluationStopped as stop:
+            stopped_at = str(stop)
+        finally:
+            for applied in reversed(self._applied):
+                revert_patch(self.model, applied)
+            self._applied.clear()
+        self.seconds["total"] = time.perf_counter() - started
+        return self.summary(stopped_at)
+
+    def _check_stop(self) -> None:
+        if self._should_stop():
+            raise EvaluationStopped(
+                f"stopped on request after {self.edits_done} of {len(self.cases)} cases"
+            )
+
+    def _measure_baseline(self) -> None:
+        began = time.perf_counter()
+        self._report(0.0, "scoring the unedited model")
+        every = list(range(len(self.cases)))
+        flat = [requests_of(c) for c in self.cases]
+        reference = iter(locality_reference(self.model, self.tok, [r for rs in flat for r in rs]))
+        self._reference = [[next(reference) for _ in rs] for rs in flat]
+        self._base = self._case_metrics(every)
+        metrics = {**mean_metrics(self._base), **self._model_metrics(self._fluency_prompts)}
+        self._base_model = metrics
+        self._emit(EvaluationRow("baseline", 0, metrics))
+        self.seconds["baseline"] = time.perf_counter() - began
+        if self.plan.protocol != "none":
+            hparams = self.editor.hparams(self.plan.method, self.plan.hparams)
+            self.editor.stats.prepare(
+                hparams.edited_layers(num_layers(self.model, self.editor.spec))
+            )
+            self.editor.prefixes(hparams)
+
+    def _groups(self) -> list[list[int]]:
+        size = self.plan.group_size(len(self.cases))
+        return [
+            list(range(s, min(s + size, len(self.cases)))) for s in range(0, len(self.cases), size)
+        ]
+
+    def _edit(self, group: list[int], fraction: tuple[float, float]) -> AppliedPatch | None:
+        """Compute and apply the group's patch; a case the method refuses is recorded."""
+        low, high = fraction
+        requests = [r for i in group for r in requests_of(self.cases[i])]
+        began = time.perf_counter()
+        try:
+            result = self.editor.compute(
+                requests,
+                self.plan.method,
+                self.plan.hparams,
+                progress=lambda f, stage: self._report(low + (high - low) * f, stage),
+            )
+        except EditError as exc:
+            for i in group:
+                self._errors[i] = str(exc)
+                case_id = _case_id(self.cases[i], i)
+                self._emit(
+                    EvaluationRow("case", self.edits_done, {}, self._base[i], case_id, str(exc))
+                )
+            return None
+        finally:
+            self.seconds["editing"] += time.perf_counter() - began
+        return apply_patch(self.model, result.patch)
+
+    def _run_isolated(self) -> None:
+        """single / batch: each group from the unedited model, scored, rolled back."""
+        groups = self._groups()
+        for number, group in enumerate(groups):
+            self._check_stop()
+            span = (number / len(groups), (number + 1) / len(groups))
+            applied = self._edit(group, span)
+            if applied is None:
+                continue
+            self._applied.append(applied)
+            began = time.perf_counter()
+            try:
+                scores = self._case_metrics(group)
+                prompts = [
+                    requests_of(self.cases[i])[0].text for i in group[: self.plan.fluency_prompts]
+                ]
+                health = self._model_metrics(prompts)
+            finally:
+                revert_patch(self.model, self._applied.pop())
+                self.seconds["scoring"] += time.perf_counter() - began
+            self.edits_done += len(group)
+            for i, metrics in zip(group, scores, strict=True):
+                metrics = {**metrics, **health}
+                self._after[i] = metrics
+                self._emit(
+                    EvaluationRow(
+                        "case",
+                        self.edits_done,
+                        metrics,
+                        self._base_of([i]),
+                        _case_id(self.cases[i], i),
+                    )
+                )
+            if self._checkpoint_due(len(group)) and number < len(groups) - 1:
+                self._emit(self._aggregate("checkpoint"))
+        self._emit(self._aggregate("final"))
+
+    def _run_sequential(self) -> None:
+        """Groups applied one after another; the edited-so-far cases scored at checkpoints."""
+        groups = self._groups()
+        edited: list[int] = []
+        for number, group in enumerate(groups):
+            self._check_stop()
+            span = (number / len(groups), (number + 1) / len(groups))
+            applied = self._edit(group, span)
+            if applied is not None:
+                self._applied.append(applied)
+                edited += group
+                self.edits_done += len(group)
+            last = number == len(groups) - 1
+            if edited and (last or self._checkpoint_due(len(group))):
+                self._report(span[1], f"scoring {len(edited)} edited cases")
+                self._score_sequential(edited, final=last)
+
+    def _score_sequential(self, edited: list[int], final: bool) -> None:
+        began = time.perf_counter()
+        scores = self._case_metrics(edited)
+        health = self._model_metrics(self._fluency_prompts)
+        self.seconds["scoring"] += time.perf_counter() - began
+        for i, metrics in zip(edited, scores, strict=True):
+            self._after[i] = metrics
+            if final:
+                row = EvaluationRow(
+                    "case", self.edits_done, metrics, self._base_of([i]), _case_id(self.cases[i], i)
+                )
+                self._emit(row)
+        self._emit(self._aggregate("final" if final else "checkpoint", edited, health))
+
+    def _checkpoint_due(self, group_size: int) -> bool:
+        every = self.plan.checkpoint_every
+        return (
+            every is not None and self.edits_done // every > (self.edits_done - group_size) // every
+        )
+
+    def _base_of(self, indices: list[int]) -> CaseMetrics:
+        return mean_metrics([self._base[i] for i in indices])
+
+    def _aggregate(
+        self, kind: str, indices: list[int] | None = None, health: CaseMetrics | None = None
+    ) -> EvaluationRow:
+        """The mean over `indices` (default: every case scored after its edit) beside the
+        unedited model's mean over the same cases."""
+        chosen = sorted(self._after) if indices is None else indices
+        metrics = mean_metrics([self._after[i] for i in chosen])
+        baseline = self._base_of(chosen)
+        model_keys = ("perplexity", "fluency")
+        baseline.update({k: v for k, v in self._base_model.items() if k in model_keys})
+        if health is not None:
+            metrics.update(health)
+        return EvaluationRow(kind, self.edits_done, metrics, baseline)  # type: ignore[arg-type]
+
+    def summary(self, stopped_at: str | None) -> dict[str, Any]:
+        final = next((r for r in reversed(self.rows) if r.kind == "final"), None)
+        return {
+            "plan": self.plan.to_dict(),
+            "cases": len(self.cases),
+            "edits_done": self.edits_done,
+            "errors": len(self._errors),
+            "completed": stopped_at is None,
+            "stopped_at": stopped_at,
+            "baseline": self._base_model if self._base else None,
+            "final": final.metrics if final else None,
+            "final_baseline": final.baseline if final else None,
+            "checkpoints": [
+                {"edits_done": r.edits_done, "metrics": r.metrics, "baseline": r.baseline}
+                for r in self.rows
+                if r.kind == "checkpoint"
+            ],
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+def _case_id(case: Case, index: int) -> str:
+    return case.case_id or str(index)
+
+
+def run_evaluation(
+    editor: Editor,
+    cases: Sequence[Case],
+    plan: EvaluationPlan,
+    record: Callable[[EvaluationRow], None] = lambda row: None,
+    progress: ProgressFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[dict[str, Any], list[EvaluationRow]]:
+    """Evaluate `cases` under `plan`; the summary and every row recorded."""
+    run = Evaluation(editor, cases, plan, record, progress, should_stop)
+    return run.run(), run.rows

@@ -1,0 +1,140 @@
+"""Evaluation jobs: accepted into the ledger like edits, run one at a time by their own
+worker thread on a copy of the model, so edits and /generate go on meanwhile.
+
+Every measured row is written to the ledger database as soon as it exists; a run that
+stops (cancelled, failed, or its process killed) keeps its rows and says where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from editors.errors import EditError
+from editors.evaluation import EvaluationPlan, EvaluationRow, run_evaluation
+
+from ..config import Settings
+from ..engine.engine import Engine
+from ..engine.progress import JobProgress
+from ..ledger.schema import Job, Status
+from ..ledger.store import Ledger
+from ..requests import request_from_record
+from .sources import benchmark_cases, uploaded_cases
+
+log = logging.getLogger(__name__)
+
+
+def cases_of(source: dict[str, Any], settings: Settings) -> list[Any]:
+    """The cases an evaluation payload's `source` names (checked again at acceptance)."""
+    if "dataset" in source:
+        return benchmark_cases(
+            settings.benchmark_dir,
+            source["dataset"],
+            source.get("split"),
+            source.get("count"),
+            source.get("start", 0),
+        )
+    if "records" in source:
+        return uploaded_cases(source["records"], source.get("format"))
+    return [request_from_record(case) for case in source["cases"]]
+
+
+def row_of(record: Any) -> EvaluationRow:
+    return EvaluationRow(
+        record.kind,
+        record.edits_done,
+        record.metrics,
+        record.baseline,
+        record.case_id,
+        record.error,
+    )
+
+
+def where_stopped(ledger: Ledger, job_id: int) -> str:
+    rows = ledger.evaluation_results(job_id)
+    done = max((r.edits_done for r in rows), default=0)
+    return f"after {done} edited cases and {len(rows)} recorded result rows"
+
+
+class EvaluationWorker:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine, self.settings, self.ledger = engine, settings, engine.ledger
+        self.stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="evaluation-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                job = self.ledger.next_pending_job(evaluations=True)
+                if job is None:
+                    self.stop_event.wait(self.settings.queue_poll_seconds)
+                    continue
+                self.run_job(job)
+            except SQLAlchemyError:
+                log.exception("ledger unavailable; evaluation worker retries")
+                self.stop_event.wait(1.0)
+
+    def run_job(self, job: Job) -> None:
+        if job.status == Status.running:
+            # its process died mid-run: the rows it wrote stand; it is not run again
+            stopped = f"interrupted {where_stopped(self.ledger, job.id)}; results kept"
+            self.ledger.finish_job(job.id, Status.failed, stopped, "Interrupted")
+            return
+        job = self.ledger.start_job(job.id)
+        extra = {"job_id": job.id}
+        log.info("evaluation job %s started", job.id, extra=extra)
+        started = time.perf_counter()
+        try:
+            status, error, error_type = self._evaluate(job)
+        except SQLAlchemyError:
+            raise
+        except EditError as exc:
+            status, error, error_type = Status.rejected, str(exc), type(exc).__name__
+        except Exception as exc:
+            log.exception("evaluation job %s failed", job.id, extra=extra)
+            status, error = Status.failed, f"{exc} ({where_stopped(self.ledger, job.id)})"
+            error_type = type(exc).__name__
+        self.ledger.finish_job(job.id, status, error, error_type)
+        seconds = time.perf_counter() - started
+        log.info("evaluation job %s %s in %.1f s", job.id, status, seconds, extra=extra)
+
+    def _evaluate(self, job: Job) -> tuple[Status, str | None, str | None]:
+        payload = job.payload
+        plan = EvaluationPlan(**payload["plan"])
+        progress = JobProgress(self.ledger, job.id)
+        progress(0.0, "loading the cases")
+        cases = cases_of(payload["source"], self.settings)
+        progress(0.0, "copying the model")
+        editor = self.engine.sandbox(plan.method, plan.hparams, payload.get("at_head", False))
+        try:
+            summary, _ = run_evaluation(
+                editor,
+                cases,
+                plan,
+                record=lambda row: self.ledger.add_evaluation_result(job.id, row.to_dict()),
+                progress=progress,
+                should_stop=lambda: (
+                    self.stop_event.is_set() or self.ledger.cancel_requested(job.id)
+                ),
+            )
+        finally:
+            del editor  # the copy's memory goes back now, not at the next collection
+        self.ledger.set_job_result(job.id, summary)
+        if summary["completed"]:
+            return Status.completed, None, None
+        if self.stop_event.is_set():
+            return Status.failed, f"the worker stopped: {summary['stopped_at']}", "Interrupted"
+        return Status.cancelled, summary["stopped_at"], None
