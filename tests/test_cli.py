@@ -8,6 +8,8 @@ import pytest
 
 from service.cli import main
 
+from .conftest import counterfact
+
 
 @pytest.fixture(scope="module")
 def fact_model_folder(fact_model, tmp_path_factory):
@@ -96,3 +98,53 @@ def test_unknown_hyperparameter_is_refused(fact_model_folder, corpus_file, tmp_p
     )
     assert code == 2
     assert "nonsense" in capsys.readouterr().err
+
+
+def test_eval_writes_json_csv_and_report(tiny_model_dir, corpus_file, tmp_path, capsys):
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps(counterfact("train", 4)))
+    out = tmp_path / "run"
+    code = main(
+        [
+            "eval",
+            "--file",
+            str(cases),
+            "--model",
+            str(tiny_model_dir),
+            "--corpus",
+            str(corpus_file),
+            "--samples",
+            "2000",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--protocol",
+            "sequential",
+            "--batch-size",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--no-fluency",
+            "--out",
+            str(out),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["edits_done"] == 4 and summary["completed"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["summary"]["final"] == summary["final"]
+    assert [r["kind"] for r in saved["rows"]].count("case") == 4
+    assert (out / "results.csv").read_text().startswith("kind,edits_done,case_id,error,")
+    assert "<svg" in (out / "report.html").read_text()
+    assert "sequential rome on 4 cases" in captured.err  # the progress bar
+
+
+def test_eval_names_the_bad_record(tmp_path, capsys):
+    cases = tmp_path / "cases.json"
+    good = {"prompt": "{} is in", "subject": "Rome", "target_new": "Asia"}
+    cases.write_text(json.dumps([good, {"prompt": "{} is in", "subject": "Rome"}]))
+    assert main(["eval", "--file", str(cases)]) == 2
+    assert "record 1: missing field 'target_new'" in capsys.readouterr().err
+    assert main(["eval", "--dataset", "counterfact", "--split", "nope"]) == 2
+    assert "no split 'nope'" in capsys.readouterr().err

@@ -80,3 +80,20 @@ def test_patch_is_deterministic_on_cpu(real_editor):
     first = real_editor.compute([DARRIEUX], "rome")
     second = real_editor.compute([DARRIEUX], "rome")
     assert first.patch.sha256 == second.patch.sha256
+
+
+def test_sequential_evaluation_on_smollm2_flips_the_edited_facts(smollm2_editor):
+    """The evaluation runner on the real model: three sequential ROME edits win the
+    CounterFact comparison where the unedited model lost it, and the model comes back."""
+    from editors.evaluation import EvaluationPlan, run_evaluation
+
+    editor = smollm2_editor
+    snapshot = weights_snapshot(editor.model)
+    cases = [counterfact_request(r) for r in counterfact("train", 3, start=40)]
+    plan = EvaluationPlan(protocol="sequential", fluency=False)
+    summary, _ = run_evaluation(editor, cases, plan)
+    assert summary["final"]["efficacy"] == 1.0
+    assert summary["final"]["efficacy_magnitude"] > summary["final_baseline"]["efficacy_magnitude"]
+    # the probe text is about nothing edited: its perplexity barely moves
+    assert summary["final"]["perplexity"] < 1.2 * summary["baseline"]["perplexity"]
+    assert_same_weights(editor.model, snapshot)
