@@ -56,6 +56,7 @@ def _cases(args: argparse.Namespace) -> list:
 def cmd_eval(args: argparse.Namespace) -> int:
     from editors.editor import Editor, corpus_statistics
     from editors.evaluation import EvaluationPlan, run_evaluation
+    from editors.model_spec import num_layers
     from editors.models import default_cache_dir, load_model
 
     from ..progress import progress_bar
@@ -92,7 +93,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
         editor = Editor(model, tok, stats)
         try:
-            editor.hparams(plan.method, plan.hparams)
+            hparams = editor.hparams(plan.method, plan.hparams)
+            if plan.protocol != "none":  # computed here, under this bar, not mid-run
+                stats.prepare(hparams.edited_layers(num_layers(model, editor.spec)))
         except EditError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
