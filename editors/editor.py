@@ -6,6 +6,7 @@ not sample them again; the prefixes still travel in each result for exact replay
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .core.values import ProgressFn
 from .methods import get_method
 from .model_spec import ModelSpec, detect_spec
+from .patch import Patch
 from .prefixes import sample_prefixes
 from .requests import EditRequest
 from .result import EditResult
@@ -56,10 +58,14 @@ class Editor:
         overrides: dict[str, Any] | None = None,
         progress: ProgressFn | None = None,
         prefixes: list[str] | None = None,
+        history: Sequence[Patch] = (),
     ) -> EditResult:
-        """The patch for `requests`; the model is left exactly as it was."""
+        """The patch for `requests`; the model is left exactly as it was. `history` is the
+        patches applied to the model so far, oldest first (methods that protect earlier
+        edits read it; the others ignore it)."""
         chosen = get_method(method)
         hparams = chosen.hparams(self.spec.family, overrides)
+        extra = {"history": history} if chosen.uses_history else {}
         return chosen.compute(
             self.model,
             self.tok,
@@ -69,6 +75,7 @@ class Editor:
             spec=self.spec,
             progress=progress,
             prefixes=prefixes or self.prefixes(hparams),
+            **extra,
         )
 
 

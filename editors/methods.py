@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import memit, rome
+from . import alphaedit, memit, rome
 from .errors import UnknownMethodError
 from .hparams import with_overrides
 
@@ -19,6 +19,7 @@ class Method:
     hparams_type: type
     compute: Callable[..., Any]
     family_defaults: dict[str, dict[str, Any]]
+    uses_history: bool = False  # compute takes `history`, the patches applied before
 
     def hparams(self, family: str, overrides: dict[str, Any] | None = None) -> Any:
         """Defaults for `family`, then the caller's overrides (unknown names refused)."""
@@ -39,6 +40,7 @@ _LLAMA_MEMIT = {
     "stop_nll": 0.02,
     "steps": 30,
 }
+_LLAMA_ALPHAEDIT = {k: v for k, v in _LLAMA_MEMIT.items() if k != "mom2_update_weight"}
 
 METHODS: dict[str, Method] = {
     "rome": Method(
@@ -52,6 +54,13 @@ METHODS: dict[str, Method] = {
         memit.MEMITHyperParams,
         memit.compute,
         {"llama": _LLAMA_MEMIT, "gemma3_text": _LLAMA_MEMIT},
+    ),
+    "alphaedit": Method(
+        "alphaedit",
+        alphaedit.AlphaEditHyperParams,
+        alphaedit.compute,
+        {"llama": _LLAMA_ALPHAEDIT, "gemma3_text": _LLAMA_ALPHAEDIT},
+        uses_history=True,
     ),
 }
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from .errors import PatchError
 
+_KEYS = "@keys.layer"  # tensor-name prefix of the stored keys (no parameter name has '@')
+
 
 @dataclass(frozen=True)
 class FactoredDelta:
@@ -41,9 +43,13 @@ def dense_of(delta: Delta) -> torch.Tensor:
 
 @dataclass
 class Patch:
+    """Deltas by parameter name; `keys` holds, per layer, the keys [d_in, n] the edit wrote
+    there, for methods that protect earlier edits (AlphaEdit reads them from the history)."""
+
     method: str
     deltas: dict[str, Delta]
     metadata: dict[str, str] = field(default_factory=dict)
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def parameter_names(self) -> list[str]:
@@ -57,6 +63,8 @@ class Patch:
                 tensors[f"{name}::right"] = delta.right.float().contiguous()
             else:
                 tensors[f"{name}::dense"] = delta.float().contiguous()
+        for layer, keys in self.keys.items():
+            tensors[f"{_KEYS}{layer}::keys"] = keys.float().contiguous()
         # one metadata key: safetensors writes several in no fixed order, breaking the hash
         header = json.dumps({"method": self.method, "metadata": self.metadata}, sort_keys=True)
         return st_save(tensors, metadata={"editserve": header})
@@ -79,11 +87,13 @@ class Patch:
         for key, tensor in tensors.items():
             name, _, part = key.rpartition("::")
             parts.setdefault(name, {})[part] = tensor
+        keys = {int(n.removeprefix(_KEYS)): p["keys"] for n, p in parts.items() if "keys" in p}
         deltas: dict[str, Delta] = {
             name: FactoredDelta(p["left"], p["right"]) if "left" in p else p["dense"]
             for name, p in parts.items()
+            if "keys" not in p
         }
-        return cls(meta.get("method", ""), deltas, dict(meta.get("metadata", {})))
+        return cls(meta.get("method", ""), deltas, dict(meta.get("metadata", {})), keys)
 
     def delta_norms(self) -> dict[str, float]:
         """Frobenius norm of each parameter's delta."""
@@ -103,7 +113,10 @@ class Patch:
                 )
             else:
                 deltas[name] = dense_of(deltas[name]) + dense_of(delta)
-        return Patch(self.method, deltas, {**self.metadata, **other.metadata})
+        keys = dict(self.keys)
+        for layer, more in other.keys.items():
+            keys[layer] = torch.cat([keys[layer], more], 1) if layer in keys else more
+        return Patch(self.method, deltas, {**self.metadata, **other.metadata}, keys)
 
 
 def _read_metadata(data: bytes) -> dict:

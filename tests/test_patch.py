@@ -24,6 +24,7 @@ def _patch(model: torch.nn.Module) -> Patch:
             "model.layers.0.mlp.down_proj.weight": torch.randn(out_dim, in_dim, generator=g) * 1e-3,
         },
         {"layer": "1"},
+        {3: torch.randn(in_dim, 2, generator=g)},
     )
 
 
@@ -34,6 +35,7 @@ def test_round_trip_keeps_content_and_hash():
     again = Patch.from_bytes(data, expected_sha256=patch.sha256)
     assert again.method == "rome" and again.metadata == {"layer": "1"}
     assert again.sha256 == patch.sha256
+    assert torch.equal(again.keys[3], patch.keys[3])  # the keys an edit wrote travel along
     for name, delta in patch.deltas.items():
         assert torch.equal(
             again.deltas[name].dense() if isinstance(delta, FactoredDelta) else again.deltas[name],

@@ -283,3 +283,22 @@ def test_a_job_a_crash_interrupted_too_often_fails_instead_of_looping(tiny_setti
         job = wait_job(client, job_id)
         assert job["status"] == "failed" and "interrupted 2 times" in job["error"], job
         assert client.get("/v1/model").json()["version"] == 0
+
+
+def test_alphaedit_state_follows_the_ledger_through_a_rollback(tiny_settings):
+    """AlphaEdit protects the keys of the edits in effect; after a rollback those are the
+    rolled-back-to version's, so the same edit computes the same patch as it did there."""
+    with running_app(tiny_settings()) as client:
+        first, second = FACTS[0], FACTS[1]
+        for fact in (first, second):
+            job = wait_job(client, post_edit(client, *fact, method="alphaedit")["job_id"])
+            assert job["status"] == "applied", job
+        assert client.post("/v1/rollback", json={"to_version": 1}).json()["status"] == "applied"
+        job = wait_job(client, post_edit(client, *second, method="alphaedit")["job_id"])
+        assert job["status"] == "applied", job
+        patches = {v["number"]: v["patch_sha256"] for v in client.get("/v1/versions").json()}
+        assert patches[4] == patches[2]  # same weights, same history: the same patch
+        # on top of version 4 (history: both edits) the same edit is a different patch
+        job = wait_job(client, post_edit(client, *second, method="alphaedit")["job_id"])
+        patches = {v["number"]: v["patch_sha256"] for v in client.get("/v1/versions").json()}
+        assert patches[5] not in (patches[2], None)

@@ -8,6 +8,8 @@ rank_one (ROME):       A = r,  B = C^-1 k / (k_d^T C^-1 k)
     k_d = k in the corrected form (R-ROME); the original uses the bare-prompt key there.
 least_squares (MEMIT): A = R,  B = (lam C + K K^T)^-1 K
     the minimiser of |(W + D) K - (W K + R)|^2 + lam * tr(D C D^T).
+null_space (AlphaEdit): D = D' P with P the projection on the null space of C, so the
+    preserved keys' outputs cannot change at all; see `null_space_update`.
 """
 
 from __future__ import annotations
@@ -34,3 +36,32 @@ def least_squares_update(
     keys = keys.double()
     system = lam * second_moment.double() + keys @ keys.T
     return residuals.double(), torch.linalg.solve(system, keys)
+
+
+def null_space_projection(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = U0 U0^T over the eigenvectors of C whose eigenvalue is below `threshold` times the
+    largest: the directions the preserved keys (almost) never take, where an update can go
+    without changing the outputs of those keys (AlphaEdit)."""
+    values, vectors = torch.linalg.eigh(second_moment.double())
+    free = vectors[:, values < threshold * values.max()]
+    return free @ free.T
+
+
+def null_space_update(
+    projection: torch.Tensor,
+    keys: torch.Tensor,
+    residuals: torch.Tensor,
+    earlier: torch.Tensor | None,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AlphaEdit: D = R K^T P (K_p K_p^T P + K K^T P + lam I)^-1, as factors A = R and
+    B = (P (K K^T + K_p K_p^T) + lam I)^-1 P K, whose columns lie in the range of P, so
+    D k0 = 0 for every preserved key k0 (P k0 = 0). `earlier` is K_p K_p^T, the keys of the
+    edits already made, which the update also leaves (almost) alone."""
+    keys = keys.double()
+    gram = keys @ keys.T
+    if earlier is not None:
+        gram = gram + earlier.double()
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    system = projection @ gram + lam * eye
+    return residuals.double(), torch.linalg.solve(system, projection @ keys)

@@ -24,7 +24,7 @@ from ..metrics import (
     perplexity,
 )
 from ..model_spec import num_layers
-from ..patch import AppliedPatch, apply_patch, revert_patch
+from ..patch import AppliedPatch, Patch, apply_patch, revert_patch
 from ..requests import EditRequest
 from .plan import EvaluationPlan, EvaluationRow, EvaluationStopped
 from .probe import PROBE_TEXT
@@ -63,6 +63,7 @@ class Evaluation:
         self._after: dict[int, CaseMetrics] = {}
         self._errors: dict[int, str] = {}
         self._applied: list[AppliedPatch] = []
+        self._history: list[Patch] = []  # patches in effect, oldest first (sequential)
         self._fluency_prompts = [requests_of(c)[0].text for c in self.cases[: plan.fluency_prompts]]
 
     # -- measuring --------------------------------------------------------------------------
@@ -183,6 +184,7 @@ class Evaluation:
                 self.plan.method,
                 self.plan.hparams,
                 progress=lambda f, stage: self._report(low + (high - low) * f, stage),
+                history=self._history,
             )
         except EditError as exc:
             for i in group:
@@ -194,7 +196,10 @@ class Evaluation:
             return None
         finally:
             self.seconds["editing"] += time.perf_counter() - began
-        return apply_patch(self.model, result.patch)
+        applied = apply_patch(self.model, result.patch)
+        if self.plan.protocol == "sequential":
+            self._history.append(result.patch)  # what later edits build on
+        return applied
 
     def _run_isolated(self) -> None:
         """single / batch: each group from the unedited model, scored, rolled back."""

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editors.editor import Editor, corpus_statistics
 from editors.errors import EditError
-from editors.methods import METHODS
+from editors.methods import METHODS, get_method
 from editors.metrics import evaluate, locality_reference
 from editors.model_spec import num_layers
 from editors.patch import FactoredDelta, Patch
@@ -287,7 +287,22 @@ class Engine:
             stats.progress = progress  # type: ignore[attr-defined]
         self._ensure_statistics(layers)
         prefixes = prefixes if prefixes is not None else self._base_prefixes(hparams)
-        return editor.compute(requests, method, overrides, progress=progress, prefixes=prefixes)
+        history = self._history() if get_method(method).uses_history else []
+        return editor.compute(
+            requests, method, overrides, progress=progress, prefixes=prefixes, history=history
+        )
+
+    def _history(self) -> list[Patch]:
+        """The patches in effect at the current version, oldest first: the chain's, less
+        those a subtract revert took back (a method's state, such as AlphaEdit's earlier
+        keys, is read from them, so a rollback restores it with the weights)."""
+        chain = self.ledger.chain(self.version)
+        taken_back = {v.reverts for v in chain if v.reverts is not None}
+        return [
+            self._patch(v.patch_sha256)
+            for v in chain
+            if v.patch_sha256 and v.reverts is None and v.number not in taken_back
+        ]
 
     # -- evaluation -------------------------------------------------------------------------
 

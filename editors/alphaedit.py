@@ -1,0 +1,109 @@
+"""AlphaEdit: null-space constrained knowledge editing (Fang et al., 2025).
+
+MEMIT's targets and layer spreading (core/spread.py), with each layer's update projected on
+the null space of the preserved keys' second moment C:
+  D = R K^T P (K_p K_p^T P + K K^T P + l2 I)^-1,   P = projection on {v : C v ~ 0}
+so the outputs at preserved keys cannot move (D k0 = 0), and the keys of earlier edits K_p
+(read from the patches already applied: the method's state is the edit history, so a
+rollback restores it with the weights) are kept almost unchanged. That is what lets it take
+thousands of sequential edits where MEMIT degrades.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .core.spread import Factors, spread_edit
+from .core.updates import null_space_projection, null_space_update
+from .core.values import ProgressFn
+from .errors import UnknownHyperparameterError
+from .memit import SpreadHyperParams
+from .model_spec import ModelSpec
+from .patch import Patch
+from .requests import EditRequest
+from .result import EditResult
+from .stats import Statistics
+
+
+@dataclass(frozen=True)
+class AlphaEditHyperParams(SpreadHyperParams):
+    nullspace_threshold: float = 1e-2  # eigenvalues of C below this x the largest span P
+    l2: float = 1.0  # ridge term, in units of C's mean eigenvalue (a key's energy per dim)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 < self.nullspace_threshold < 1:
+            raise UnknownHyperparameterError(
+                "nullspace_threshold must lie in (0, 1)", field="nullspace_threshold"
+            )
+        if self.l2 <= 0:
+            raise UnknownHyperparameterError("l2 must be positive", field="l2")
+
+
+# P per (statistics object, layer, threshold): an eigendecomposition of d_in x d_in, reused
+_projections: weakref.WeakKeyDictionary[object, dict[tuple[int, float], torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def projection(stats: Statistics, layer: int, threshold: float) -> torch.Tensor:
+    memo = _projections.setdefault(stats, {})
+    if (layer, threshold) not in memo:
+        memo[(layer, threshold)] = null_space_projection(stats.second_moment(layer), threshold)
+    return memo[(layer, threshold)]
+
+
+def earlier_keys(history: Sequence[Patch], layer: int) -> torch.Tensor | None:
+    """K_p K_p^T at `layer`: the keys every applied patch in `history` wrote there."""
+    blocks = [p.keys[layer].double() for p in history if layer in p.keys]
+    if not blocks:
+        return None
+    keys = torch.cat(blocks, 1)
+    return keys @ keys.T
+
+
+def compute(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    hparams: AlphaEditHyperParams,
+    stats: Statistics,
+    *,
+    spec: ModelSpec | None = None,
+    progress: ProgressFn | None = None,
+    prefixes: list[str] | None = None,
+    history: Sequence[Patch] = (),
+) -> EditResult:
+    """Edit all `requests` at once on top of `history` (the patches applied so far, whose
+    keys the update leaves alone)."""
+
+    def solve(layer: int, keys: torch.Tensor, change: torch.Tensor) -> Factors:
+        p = projection(stats, layer, hparams.nullspace_threshold).to(keys.device)
+        earlier = earlier_keys(history, layer)
+        scale = float(torch.trace(stats.second_moment(layer).double())) / keys.shape[0]
+        return null_space_update(
+            p,
+            keys,
+            change,
+            None if earlier is None else earlier.to(keys.device),
+            hparams.l2 * scale,
+        )
+
+    return spread_edit(
+        model,
+        tok,
+        requests,
+        hparams,
+        stats,
+        solve,
+        "alphaedit",
+        spec,
+        progress,
+        prefixes,
+        keep_keys=True,
+    )

@@ -1,0 +1,125 @@
+"""Spreading target residuals over several layers (MEMIT, AlphaEdit).
+
+With z the wanted output of the top edited block at each subject, for each edited layer l in
+ascending order, on the weights already changed below it:
+  K = prefix-averaged keys at l (columns)
+  R = (z - h_top(current)) / (layers left)      the share of the residual this layer carries
+  W_l += A B^T  with (A, B) = solve(l, K, change of the MLP output that yields R)
+so the remaining residual is spread over the layers still to be edited. Methods differ only
+in `solve`, the closed-form update of one layer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..model_spec import ModelSpec, edited_weight
+from ..patch import AppliedPatch, Patch, apply_patch, revert_patch
+from ..requests import EditRequest
+from ..result import Diagnostics, EditResult
+from ..stats import Statistics
+from ..weights import factored, linear_weight
+from .context import edit_context
+from .keys import compute_keys, residual_at_subject
+from .mlp_values import mlp_output_change
+from .values import ProgressFn, optimise_residual_targets
+
+Factors = tuple[torch.Tensor, torch.Tensor]  # A [d_out, r], B [d_in, r]: W += A @ B.T
+# (layer, keys [d_in, n], wanted MLP-output changes [d_out, n]) -> the layer's update
+LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], Factors]
+
+
+def spread_edit(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    hparams: Any,
+    stats: Statistics,
+    solve: LayerSolve,
+    method: str,
+    spec: ModelSpec | None = None,
+    progress: ProgressFn | None = None,
+    prefixes: list[str] | None = None,
+    keep_keys: bool = False,
+) -> EditResult:
+    """Optimise every request's target residual z at the top edited layer together, then
+    spread it over the edited layers with `solve`; with `keep_keys` the patch carries the
+    keys it wrote (for methods that protect earlier edits)."""
+    started = time.perf_counter()
+    context = edit_context(model, tok, hparams, stats, spec, prefixes)
+    spec, layers, prefixes = context.spec, context.layers, context.prefixes
+    top = layers[-1]
+    diagnostics = Diagnostics(method=method, layers=layers, prefixes=prefixes)
+    t0 = time.perf_counter()
+    diagnostics.seconds["prepare"] = t0 - started
+
+    def share(low: float, high: float) -> ProgressFn:
+        def report(fraction: float, stage: str) -> None:
+            if progress:
+                progress(low + (high - low) * fraction, stage)
+
+        return report
+
+    targets = optimise_residual_targets(
+        model, tok, spec, requests, prefixes, top, hparams.value_options, share(0.0, 0.8)
+    )
+    z = targets.start + targets.delta  # wanted output of block `top` at each subject
+    diagnostics.seconds["values"] = time.perf_counter() - t0
+    diagnostics.steps = targets.steps
+    diagnostics.losses = targets.losses
+    diagnostics.prob_before, diagnostics.prob_after = targets.prob_before, targets.prob_after
+
+    t1 = time.perf_counter()
+    patch, keys = spread_over_layers(
+        model, tok, spec, requests, prefixes, layers, z, solve, method, share(0.8, 1.0)
+    )
+    if keep_keys:
+        patch.keys = keys
+    diagnostics.seconds["update"] = time.perf_counter() - t1
+    diagnostics.delta_norms = patch.delta_norms()
+    diagnostics.seconds["total"] = time.perf_counter() - started
+    return EditResult(patch, diagnostics)
+
+
+def spread_over_layers(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    requests: list[EditRequest],
+    prefixes: list[str],
+    layers: list[int],
+    z: torch.Tensor,
+    solve: LayerSolve,
+    method: str,
+    progress: ProgressFn | None = None,
+) -> tuple[Patch, dict[int, torch.Tensor]]:
+    """The patch over `layers`, and the keys it wrote at each layer; the model is left as
+    it was."""
+    top = layers[-1]
+    patch = Patch(method, {}, {"layers": ",".join(map(str, layers))})
+    written: dict[int, torch.Tensor] = {}
+    applied: list[AppliedPatch] = []
+    try:
+        for i, layer in enumerate(layers):
+            keys = compute_keys(model, tok, spec, requests, prefixes, [layer])[layer].mean
+            residual = (z - residual_at_subject(model, tok, spec, requests, top)) / (
+                len(layers) - i
+            )
+            weight = linear_weight(spec, edited_weight(model, spec, layer)).float()
+            change = mlp_output_change(model, spec, layer, keys @ weight.T, residual)
+            a, b = solve(layer, keys.T, change.T)
+            part = Patch(method, {spec.weight_name(layer): factored(spec, a, b)})
+            applied.append(apply_patch(model, part))
+            patch = patch.merged(part)
+            written[layer] = keys.T.float().contiguous()
+            if progress:
+                progress((i + 1) / len(layers), f"update layer {layer}")
+    finally:
+        for record in reversed(applied):
+            revert_patch(model, record)
+    return patch, written

@@ -1,0 +1,86 @@
+"""AlphaEdit's two promises on a small model: an update cannot move the outputs of keys in
+the preserved subspace, and it leaves the keys of earlier edits (its history) alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editors import EditRequest, apply_patch, revert_patch
+from editors.alphaedit import AlphaEditHyperParams
+from editors.core.updates import null_space_projection, null_space_update
+from editors.editor import Editor, corpus_statistics
+from editors.errors import UnknownHyperparameterError
+from editors.tiny import tiny_random_model
+
+from .conftest import assert_same_weights, weights_snapshot
+
+FAST = {"steps": 10, "prefixes": 0, "layers": [1, 2]}
+FIRST = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")
+SECOND = EditRequest("{} plays the position of", "Ricky Rubio", "goalkeeper")
+
+
+def test_the_update_lies_in_the_null_space_of_the_preserved_keys():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.cat([torch.full((20,), 5.0), torch.full((12,), 1e-6)]).double()
+    c = basis @ torch.diag(spectrum) @ basis.T  # preserved keys span 20 of 32 directions
+    p = null_space_projection(c, 1e-2)
+    assert torch.allclose(p @ p, p, atol=1e-10) and round(float(torch.trace(p))) == 12
+    keys, residuals = torch.randn(32, 3, generator=g), torch.randn(16, 3, generator=g)
+    a, b = null_space_update(p, keys, residuals, None, lam=0.1)
+    delta = a @ b.T
+    preserved = basis[:, :20]
+    assert torch.linalg.norm(delta @ preserved) < 1e-9 * torch.linalg.norm(delta)
+
+
+def test_earlier_keys_are_left_almost_alone():
+    g = torch.Generator().manual_seed(1)
+    p = torch.eye(32, dtype=torch.float64)  # no preserved keys: only the history protects
+    first, second = torch.randn(32, 2, generator=g), torch.randn(32, 2, generator=g)
+    residuals = torch.randn(16, 2, generator=g)
+    unprotected = null_space_update(p, second, residuals, None, lam=0.1)
+    protected = null_space_update(p, second, residuals, first.double() @ first.double().T, 0.1)
+    moved = [torch.linalg.norm(a @ b.T @ first.double()) for a, b in (unprotected, protected)]
+    assert moved[1] < 0.05 * moved[0]
+
+
+@pytest.fixture(scope="module")
+def editor(gpt2_tok, corpus_file, tmp_path_factory):
+    model = tiny_random_model("llama", len(gpt2_tok))
+    stats = corpus_statistics(
+        model, gpt2_tok, tmp_path_factory.mktemp("stats"), corpus_file, samples=2_000
+    )
+    return Editor(model, gpt2_tok, stats)
+
+
+def test_the_patch_carries_its_keys_and_the_history_changes_the_next_edit(editor):
+    snapshot = weights_snapshot(editor.model)
+    first = editor.compute([FIRST], "alphaedit", FAST)
+    assert sorted(first.patch.keys) == [1, 2]
+    assert first.patch.keys[1].shape[1] == 1  # one request, one (prefix-averaged) key
+    assert first.diagnostics.prob_after[0] > first.diagnostics.prob_before[0]
+    applied = apply_patch(editor.model, first.patch)
+    try:
+        alone = editor.compute([SECOND], "alphaedit", FAST)
+        after = editor.compute([SECOND], "alphaedit", FAST, history=[first.patch])
+    finally:
+        revert_patch(editor.model, applied)
+    assert_same_weights(editor.model, snapshot)
+    key = first.patch.keys[2].double()
+    name = editor.spec.weight_name(2)
+    moved_alone = torch.linalg.norm(alone.patch.deltas[name].dense().double() @ key)
+    moved_after = torch.linalg.norm(after.patch.deltas[name].dense().double() @ key)
+    # the history protects the first edit's key (partly here: a random model's keys for
+    # two prompts are strongly correlated; the exact trade-off is checked above)
+    assert moved_after < 0.8 * moved_alone
+
+
+def test_bad_alphaedit_hyperparameters_are_named():
+    for overrides, field in (
+        ({"nullspace_threshold": 2.0}, "nullspace_threshold"),
+        ({"l2": 0}, "l2"),
+    ):
+        with pytest.raises(UnknownHyperparameterError) as err:
+            AlphaEditHyperParams(**overrides)
+        assert err.value.field == field
