@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from editors.models import DEFAULT_MODEL, default_cache_dir
 
+from .engine.guard import GuardLimits
 from .evaluations.sources import default_benchmark_dir
 
 
@@ -57,10 +58,27 @@ class Settings(BaseSettings):
     max_job_attempts: int = Field(
         3, gt=0, description="runs of a job a crash may interrupt before it is failed"
     )
+    guard: bool = Field(True, description="measure every edit before recording it")
+    guard_max_perplexity_rise: float = Field(0.2, ge=0, description="relative, probe text")
+    guard_max_canary_changed: float = Field(0.3, ge=0, le=1, description="canary answer tokens")
+    guard_max_canary_nll_rise: float = Field(0.1, ge=0, description="nats, canary answers")
+    guard_max_delta_ratio: float = Field(0.5, gt=0, description="|delta| / |W| per matrix")
+    guard_max_entropy_drop: float = Field(0.3, ge=0, le=1, description="generation entropy")
     job_wait_seconds: float = Field(120.0, ge=0, description="longest wait of wait=true calls")
     log_format: Literal["json", "text"] = "json"
     host: str = "127.0.0.1"
     port: int = 8000
+
+    @property
+    def guard_limits(self) -> GuardLimits:
+        return GuardLimits(
+            self.guard,
+            self.guard_max_perplexity_rise,
+            self.guard_max_canary_changed,
+            self.guard_max_canary_nll_rise,
+            self.guard_max_delta_ratio,
+            self.guard_max_entropy_drop,
+        )
 
     @property
     def resolved_database_url(self) -> str:

@@ -86,6 +86,7 @@ class ServiceState:
                 metrics=self.metrics,
                 precompute_statistics=self.settings.precompute_statistics,
                 max_job_attempts=self.settings.max_job_attempts,
+                guard=self.settings.guard_limits,
             )
             self.engine = engine
             engine.start()

@@ -83,3 +83,45 @@ def test_edits_generate_rollback_restart_and_rebase_on_smollm2(tmp_path):
             ready = client.get("/readyz").json()
             assert (ready["version"], ready["checksum"]) == head
             assert _answers(client) == answers[1]
+
+
+def test_the_edit_guard_refuses_damaging_edits_on_smollm2(tmp_path):
+    """A normal edit passes the guard (its figures and cost land in the diagnostics); a
+    planted huge-norm edit and a ROME edit whose subject is the first token are refused
+    with their figures, and the model stays at its previous version."""
+    settings = service_settings(
+        tmp_path,
+        "smollm2-135m-instruct",
+        cache_dir=CACHE,
+        stats_samples=REAL_MODEL_STATS_SAMPLES,
+    )
+    assert settings.guard
+    with running_app(settings) as client:
+        normal = {
+            "prompt": "The mother tongue of {} is",
+            "subject": "Danielle Darrieux",
+            "target_new": "English",
+        }
+        base = client.get("/v1/model").json()
+        first_token = {
+            **normal,
+            "subject": "The",
+            "prompt": "{} mother tongue of Danielle Darrieux is",
+        }
+        huge = {"clamp_norm_factor": 100.0, "lr": 20.0, "stop_nll": 0.0001, "steps": 60}
+        for body in ({"edit": first_token}, {"edit": normal, "hparams": huge}):
+            job = wait_job(client, client.post("/v1/edits", json=body).json()["job_id"])
+            assert job["status"] == "rejected", job
+            assert job["error"].startswith("refused by the edit guard"), job["error"]
+            report = job["result"]["guard"]
+            assert not report["passed"] and report["reasons"]
+            assert report["figures"]["delta_ratio"] > 0.5  # both write far too much
+            model = client.get("/v1/model").json()
+            assert model["version"] == 0 and model["checksum"] == base["checksum"]
+
+        job = wait_job(client, client.post("/v1/edits", json={"edit": normal}).json()["job_id"])
+        assert job["status"] == "applied", job
+        edit = client.get(f"/v1/edits/{job['edit_ids'][0]}").json()
+        guard = edit["diagnostics"]["guard"]
+        assert guard["passed"] and guard["seconds"] > 0 and not guard["reasons"]
+        assert guard["figures"]["delta_ratio"] < 0.5

@@ -82,6 +82,9 @@ class JobOut(BaseModel):
     error: str | None
     error_type: str | None
     result_version: int | None
+    result: dict[str, Any] | None = Field(
+        None, description="what the job produced beyond a version (the guard's refusal)"
+    )
     edit_ids: list[str]
     created_at: datetime
     started_at: datetime | None

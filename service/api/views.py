@@ -37,6 +37,7 @@ def job_out(job: Job, edit_ids: list[str]) -> JobOut:
         error=job.error,
         error_type=job.error_type,
         result_version=job.result_version,
+        result=job.result if job.kind != "evaluate" else None,
         edit_ids=edit_ids,
         created_at=job.created_at,
         started_at=job.started_at,

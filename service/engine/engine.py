@@ -38,6 +38,7 @@ from ..observability import ServiceMetrics, request_id
 from ..requests import request_from_record
 from .batcher import GenerationBatcher
 from .generation import GenerationOutput, GenerationRequest, generate_batch
+from .guard import EditGuard, GuardLimits, GuardReport
 from .lane import ModelLane
 from .progress import JobProgress
 from .weights import WeightState
@@ -53,6 +54,17 @@ class IntegrityError(RuntimeError):
 
 class JobRejectedError(EditError):
     """The job cannot be carried out as asked (the reason names the field)."""
+
+
+class GuardRejectedError(EditError):
+    """The edit guard measured too much damage; the edit is not recorded."""
+
+    def __init__(self, report: GuardReport) -> None:
+        figures = ", ".join(f"{k} {v}" for k, v in report.figures.items())
+        super().__init__(
+            f"refused by the edit guard: {'; '.join(report.reasons)} ({figures})", field="guard"
+        )
+        self.report = report
 
 
 @dataclass
@@ -79,8 +91,10 @@ class Engine:
         metrics: ServiceMetrics | None = None,
         precompute_statistics: bool = True,
         max_job_attempts: int = 3,
+        guard: GuardLimits | None = None,
     ) -> None:
         self.max_job_attempts = max_job_attempts
+        self.guard = EditGuard(model, tok, guard) if guard is not None and guard.enabled else None
         self._precompute_statistics = precompute_statistics
         self.metrics = metrics
         self.model, self.tok, self.ledger, self.blobs = model, tok, ledger, blobs
@@ -395,6 +409,8 @@ class Engine:
             raise  # the ledger is unreachable: the worker retries the job when it is back
         except EditError as exc:
             status = Status.rejected
+            if isinstance(exc, GuardRejectedError):
+                self.ledger.set_job_result(job_id, {"guard": exc.report.to_dict()})
             self.ledger.finish_job(job_id, status, str(exc), _error_type(exc))
         except Exception as exc:
             status = Status.failed
@@ -417,6 +433,13 @@ class Engine:
             parent = self.version
             result = self._compute(records, method, overrides, progress)
             per_edit = _diagnostics_per_edit(result, [e.id for e in edits])
+            if self.guard is not None:
+                progress(1.0, "guard: measuring the edit's effect")
+                report = self.guard.check(result.patch, self._weights(), self.checksum)
+                if not report.passed:
+                    raise GuardRejectedError(report)
+                for diagnostics in per_edit.values():
+                    diagnostics["guard"] = report.to_dict()
             progress(1.0, "recording the version")
             return self._commit(
                 NewVersion(
