@@ -51,6 +51,10 @@ class Editor:
             self._prefixes[key] = sample_prefixes(self.model, self.tok, *key)
         return self._prefixes[key]
 
+    def forget_prefixes(self) -> None:
+        """Drop the remembered prefixes (they were sampled from weights that changed since)."""
+        self._prefixes.clear()
+
     def compute(
         self,
         requests: list[EditRequest],

@@ -255,7 +255,7 @@ class Engine:
         key = (hparams.prefixes, hparams.prefix_length, hparams.seed)
         if key not in self._prefixes_on_base:
             self._prefixes_on_base[key] = self._on_base(lambda: self.editor.prefixes(hparams))
-            self.editor._prefixes.clear()
+            self.editor.forget_prefixes()
         return self._prefixes_on_base[key]
 
     def _commit(

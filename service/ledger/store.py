@@ -97,15 +97,22 @@ class Ledger:
 
     def chain(self, number: int) -> list[Version]:
         """Versions from the base to `number` along parents: whose patches make its weights."""
+        # one recursive query along the parent links, whatever the ledger's size; a parent
+        # is always an earlier version, so number order is chain order
+        links = (
+            select(Version.number, Version.parent)
+            .where(Version.number == number)
+            .cte("chain", recursive=True)
+        )
+        links = links.union_all(
+            select(Version.number, Version.parent).join(links, Version.number == links.c.parent)
+        )
         with self.sessions() as session:
-            by_number = {v.number: v for v in session.scalars(select(Version))}
-        chain: list[Version] = []
-        current: int | None = number
-        while current is not None:
-            version = by_number[current]
-            chain.append(version)
-            current = version.parent
-        return chain[::-1]
+            query = select(Version).join(links, Version.number == links.c.number)
+            chain = list(session.scalars(query.order_by(Version.number)))
+        if not chain:
+            raise KeyError(number)
+        return chain
 
     def add_version(
         self,
