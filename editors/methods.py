@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import alphaedit, memit, rome
+from . import alphaedit, ft, memit, rome
 from .errors import UnknownMethodError
 from .hparams import with_overrides
 
@@ -62,6 +62,8 @@ METHODS: dict[str, Method] = {
         {"llama": _LLAMA_ALPHAEDIT, "gemma3_text": _LLAMA_ALPHAEDIT},
         uses_history=True,
     ),
+    "ft-l": Method("ft-l", ft.FTLHyperParams, ft.compute, {}),
+    "ft-m": Method("ft-m", ft.FTMHyperParams, ft.compute, {}),
 }
 
 

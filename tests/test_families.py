@@ -10,6 +10,7 @@ from editors import EditRequest, apply_patch, detect_spec, revert_patch
 from editors.core.values import _build_rows, _UpperStack
 from editors.editor import Editor, corpus_statistics
 from editors.model_spec import SPECS, edited_weight
+from editors.patch import dense_of
 from editors.tiny import TINY_CONFIGS, tiny_random_model
 from editors.tracing import hidden_of
 
@@ -39,7 +40,7 @@ def editors_by_family(gpt2_tok, corpus_file, tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit"])
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "ft-l", "ft-m"])
 def test_edit_applies_changes_output_and_reverts_exactly(editors_by_family, family, method):
     editor = editors_by_family[family]
     model, tok = editor.model, editor.tok
@@ -52,7 +53,7 @@ def test_edit_applies_changes_output_and_reverts_exactly(editors_by_family, fami
     assert_same_weights(model, snapshot)  # computing a patch changes nothing
     spec = editor.spec
     for name, delta in result.patch.deltas.items():
-        assert delta.dense().shape == model.get_parameter(name).shape
+        assert dense_of(delta).shape == model.get_parameter(name).shape
     expected = {spec.weight_name(layer) for layer in result.diagnostics.layers}
     assert set(result.patch.deltas) == expected
 

@@ -97,3 +97,17 @@ def test_sequential_evaluation_on_smollm2_flips_the_edited_facts(smollm2_editor)
     # the probe text is about nothing edited: its perplexity barely moves
     assert summary["final"]["perplexity"] < 1.2 * summary["baseline"]["perplexity"]
     assert_same_weights(editor.model, snapshot)
+
+
+def test_ft_m_fine_tunes_one_fact_into_smollm2_and_reverts(smollm2_editor):
+    editor = smollm2_editor
+    snapshot = weights_snapshot(editor.model)
+    result = editor.compute([DARRIEUX], "ft-m")
+    assert_same_weights(editor.model, snapshot)  # computing changes nothing
+    applied = apply_patch(editor.model, result.patch)
+    try:
+        scores = evaluate(editor.model, editor.tok, [DARRIEUX])
+        assert scores["reliability"] == 1.0 and scores["efficacy"] == 1.0
+    finally:
+        revert_patch(editor.model, applied)
+    assert_same_weights(editor.model, snapshot)
