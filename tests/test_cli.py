@@ -148,3 +148,35 @@ def test_eval_names_the_bad_record(tmp_path, capsys):
     assert "record 1: missing field 'target_new'" in capsys.readouterr().err
     assert main(["eval", "--dataset", "counterfact", "--split", "nope"]) == 2
     assert "no split 'nope'" in capsys.readouterr().err
+
+
+def test_eval_stopped_by_sigterm_writes_what_it_measured(tiny_model_dir, corpus_file, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps(counterfact("train", 60)))
+    out = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "service.cli", "eval", "--file", str(cases), "-n", "60",
+        "--model", str(tiny_model_dir), "--corpus", str(corpus_file), "--samples", "2000",
+        "--cache-dir", str(tmp_path / "cache"), "--no-fluency", "--out", str(out),
+    ]  # fmt: skip
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    seen = b""
+    while b"optimise" not in seen:  # the progress bar shows edits under way
+        assert time.monotonic() < deadline and process.poll() is None, seen[-2000:]
+        seen += os.read(process.stderr.fileno(), 4096)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=300)
+    assert process.returncode == 1  # stopped, not completed
+    summary = json.loads(stdout)
+    assert not summary["completed"] and summary["edits_done"] < 60
+    assert summary["stopped_at"].startswith("stopped on request after")
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["kind"] for r in saved["rows"]].count("case") == summary["edits_done"]
+    assert "did not complete" in (out / "report.html").read_text()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from editors.datasets import DatasetError, read_records
@@ -13,6 +15,8 @@ from editors.errors import EditError
 from editors.hparams import parse_overrides
 
 from .sources import BENCHMARKS, UPLOAD_FORMATS, benchmark_cases, uploaded_cases
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -99,8 +103,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except EditError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    with progress_bar(f"{plan.protocol} {plan.method} on {len(cases)} cases") as bar:
-        summary, rows = run_evaluation(editor, cases, plan, progress=bar)
+    stop = threading.Event()  # Ctrl-C or SIGTERM: finish the current edit, keep the results
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
+    try:
+        with progress_bar(f"{plan.protocol} {plan.method} on {len(cases)} cases") as bar:
+            summary, rows = run_evaluation(
+                editor, cases, plan, progress=bar, should_stop=stop.is_set
+            )
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     summary.update(model=args.model, source=source)
     out.mkdir(parents=True, exist_ok=True)
     result = {"summary": summary, "rows": [r.to_dict() for r in rows]}
