@@ -106,13 +106,9 @@ def locality_reference(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[EditRequest]
 ) -> list[list[list[int]]]:
     """Predicted answer tokens of each request's locality prompts (take it before editing)."""
-    plan = _plan(requests)
-    scores = score_pairs(model, tok, plan.pairs)
-    per_request = plan.groups.get("locality:answer", [])
-    return [
-        [scores.predicted[j] for j in (per_request[i] if i < len(per_request) else [])]
-        for i in range(len(requests))
-    ]
+    pairs = [pair for r in requests for pair in r.locality]  # only these need scoring
+    predicted = iter(score_pairs(model, tok, pairs).predicted if pairs else [])
+    return [[next(predicted) for _ in r.locality] for r in requests]
 
 
 METRICS = (

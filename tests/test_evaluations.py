@@ -15,17 +15,13 @@ from service.ledger.schema import JobKind
 from service.ledger.store import Ledger
 
 from .conftest import shared
-from .service_support import postgres_database, running_app
+from .service_support import postgres_database, running_app, wait_job
 
 
-def wait_evaluation(client, job_id: int, timeout: float = 600.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = client.get(f"/v1/evaluations/{job_id}").json()
-        if found["status"] not in ("queued", "running"):
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"evaluation {job_id} did not finish: {found}")
+def wait_evaluation(client, job_id: int) -> dict:
+    """An evaluation is a job: wait for it as for any, then read its evaluation view."""
+    wait_job(client, job_id)
+    return client.get(f"/v1/evaluations/{job_id}").json()
 
 
 def test_sequential_evaluation_job_on_postgres(tiny_settings):

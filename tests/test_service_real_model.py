@@ -41,6 +41,7 @@ def test_edits_generate_rollback_restart_and_rebase_on_smollm2(tmp_path):
             redis_url=require_shared_redis(),
             cache_dir=CACHE,
             stats_samples=REAL_MODEL_STATS_SAMPLES,
+            guard=True,
         )
         with running_app(settings) as client:
             before = _answers(client)
@@ -94,8 +95,8 @@ def test_the_edit_guard_refuses_damaging_edits_on_smollm2(tmp_path):
         "smollm2-135m-instruct",
         cache_dir=CACHE,
         stats_samples=REAL_MODEL_STATS_SAMPLES,
+        guard=True,
     )
-    assert settings.guard
     with running_app(settings) as client:
         normal = {
             "prompt": "The mother tongue of {} is",
