@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .core.history import earlier_keys
 from .core.spread import Factors, spread_edit
 from .core.updates import null_space_projection, null_space_update
 from .core.values import ProgressFn
 from .errors import UnknownHyperparameterError
-from .memit import SpreadHyperParams
+from .hparams import SpreadHyperParams
 from .model_spec import ModelSpec
 from .patch import Patch
 from .requests import EditRequest
@@ -56,15 +57,6 @@ def projection(stats: Statistics, layer: int, threshold: float) -> torch.Tensor:
     if (layer, threshold) not in memo:
         memo[(layer, threshold)] = null_space_projection(stats.second_moment(layer), threshold)
     return memo[(layer, threshold)]
-
-
-def earlier_keys(history: Sequence[Patch], layer: int) -> torch.Tensor | None:
-    """K_p K_p^T at `layer`: the keys every applied patch in `history` wrote there."""
-    blocks = [p.keys[layer].double() for p in history if layer in p.keys]
-    if not blocks:
-        return None
-    keys = torch.cat(blocks, 1)
-    return keys @ keys.T
 
 
 def compute(

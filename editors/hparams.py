@@ -114,3 +114,33 @@ def check_layers(layers: list[int], n_layers: int) -> None:
             raise UnknownHyperparameterError(
                 f"layer {layer} is outside the model's 0..{n_layers - 1}", field="layers"
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class SpreadHyperParams(LocateEditHyperParams):
+    """Methods that spread an edit over several layers (MEMIT, AlphaEdit, NSE)."""
+
+    layers: tuple[int, ...] | None = None  # None: `span` layers ending at the default depth
+    last_layer_fraction: float = 0.23
+    span: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layers is not None and (
+            not self.layers or list(self.layers) != sorted(set(self.layers))
+        ):
+            raise UnknownHyperparameterError(
+                "layers must be distinct and ascending", field="layers"
+            )
+
+    def edited_layers(self, n_layers: int) -> list[int]:
+        return self.resolved_layers(n_layers)
+
+    def resolved_layers(self, n_layers: int) -> list[int]:
+        if self.layers is not None:
+            layers = list(self.layers)
+        else:
+            last = layer_at(self.last_layer_fraction, n_layers)
+            layers = list(range(max(0, last - self.span + 1), last + 1))
+        check_layers(layers, n_layers)
+        return layers

@@ -16,41 +16,11 @@ from .core.spread import Factors, spread_edit
 from .core.updates import least_squares_update
 from .core.values import ProgressFn
 from .errors import UnknownHyperparameterError
-from .hparams import LocateEditHyperParams, check_layers, layer_at
+from .hparams import SpreadHyperParams
 from .model_spec import ModelSpec
 from .requests import EditRequest
 from .result import EditResult
 from .stats import Statistics
-
-
-@dataclass(frozen=True)
-class SpreadHyperParams(LocateEditHyperParams):
-    """Methods that spread an edit over several layers (MEMIT, AlphaEdit)."""
-
-    layers: tuple[int, ...] | None = None  # None: `span` layers ending at the default depth
-    last_layer_fraction: float = 0.23
-    span: int = 5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.layers is not None and (
-            not self.layers or list(self.layers) != sorted(set(self.layers))
-        ):
-            raise UnknownHyperparameterError(
-                "layers must be distinct and ascending", field="layers"
-            )
-
-    def edited_layers(self, n_layers: int) -> list[int]:
-        return self.resolved_layers(n_layers)
-
-    def resolved_layers(self, n_layers: int) -> list[int]:
-        if self.layers is not None:
-            layers = list(self.layers)
-        else:
-            last = layer_at(self.last_layer_fraction, n_layers)
-            layers = list(range(max(0, last - self.span + 1), last + 1))
-        check_layers(layers, n_layers)
-        return layers
 
 
 @dataclass(frozen=True)

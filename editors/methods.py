@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import alphaedit, ft, memit, rome
+from . import alphaedit, ft, memit, nse, rome
 from .errors import UnknownMethodError
 from .hparams import with_overrides
 
@@ -41,6 +41,7 @@ _LLAMA_MEMIT = {
     "steps": 30,
 }
 _LLAMA_ALPHAEDIT = {k: v for k, v in _LLAMA_MEMIT.items() if k != "mom2_update_weight"}
+_LLAMA_NSE = dict(_LLAMA_MEMIT)
 
 METHODS: dict[str, Method] = {
     "rome": Method(
@@ -60,6 +61,13 @@ METHODS: dict[str, Method] = {
         alphaedit.AlphaEditHyperParams,
         alphaedit.compute,
         {"llama": _LLAMA_ALPHAEDIT, "gemma3_text": _LLAMA_ALPHAEDIT},
+        uses_history=True,
+    ),
+    "nse": Method(
+        "nse",
+        nse.NSEHyperParams,
+        nse.compute,
+        {"llama": _LLAMA_NSE, "gemma3_text": _LLAMA_NSE},
         uses_history=True,
     ),
     "ft-l": Method("ft-l", ft.FTLHyperParams, ft.compute, {}),

@@ -19,6 +19,7 @@ class Diagnostics:
     delta_norms: dict[str, float] = field(default_factory=dict)
     prefixes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # time per stage
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific figures
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

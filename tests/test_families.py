@@ -40,7 +40,7 @@ def editors_by_family(gpt2_tok, corpus_file, tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "ft-l", "ft-m"])
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "nse", "ft-l", "ft-m"])
 def test_edit_applies_changes_output_and_reverts_exactly(editors_by_family, family, method):
     editor = editors_by_family[family]
     model, tok = editor.model, editor.tok

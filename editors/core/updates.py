@@ -8,6 +8,8 @@ rank_one (ROME):       A = r,  B = C^-1 k / (k_d^T C^-1 k)
     k_d = k in the corrected form (R-ROME); the original uses the bare-prompt key there.
 least_squares (MEMIT): A = R,  B = (lam C + K K^T)^-1 K
     the minimiser of |(W + D) K - (W K + R)|^2 + lam * tr(D C D^T).
+    NSE solves the same system restricted to the selected neurons S (rows of B outside S
+    are zero), with the earlier edits' keys added to lam C.
 null_space (AlphaEdit): D = D' P with P the projection on the null space of C, so the
     preserved keys' outputs cannot change at all; see `null_space_update`.
 """
@@ -30,12 +32,30 @@ def rank_one_update(
 
 
 def least_squares_update(
-    second_moment: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, lam: float
+    second_moment: torch.Tensor,
+    keys: torch.Tensor,
+    residuals: torch.Tensor,
+    lam: float,
+    earlier: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """keys [d_in, n], residuals [d_out, n] -> factors (A [d_out, n], B [d_in, n])."""
+    """keys [d_in, n], residuals [d_out, n] -> factors (A [d_out, n], B [d_in, n]).
+    `earlier` (K_p K_p^T, the keys of edits already made) joins lam C in the system, so
+    those keys are protected like the preserved ones (sequential MEMIT, NSE)."""
     keys = keys.double()
     system = lam * second_moment.double() + keys @ keys.T
+    if earlier is not None:
+        system = system + earlier.double()
     return residuals.double(), torch.linalg.solve(system, keys)
+
+
+def neurons_carrying(keys: torch.Tensor, share: float) -> torch.Tensor:
+    """NSE's neuron selection: the fewest input dimensions (MLP neurons) of the keys
+    [d_in, n] whose summed |activation| reaches `share` of the total, most active first."""
+    scores = keys.abs().sum(1)
+    order = torch.argsort(scores, descending=True)
+    cumulative = torch.cumsum(scores[order], 0)
+    count = int(torch.searchsorted(cumulative, share * cumulative[-1]).item()) + 1
+    return torch.sort(order[: min(count, len(order))]).values
 
 
 def null_space_projection(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:

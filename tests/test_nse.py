@@ -1,0 +1,92 @@
+"""NSE's three mechanisms on a small model: neuron selection by activation, an update that
+touches only the selected neurons, and target values computed on the rewound weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editors import EditRequest, apply_patch, revert_patch
+from editors.core.history import rewound
+from editors.core.updates import neurons_carrying
+from editors.editor import Editor, corpus_statistics
+from editors.errors import UnknownHyperparameterError
+from editors.nse import NSEHyperParams
+from editors.patch import FactoredDelta
+from editors.tiny import tiny_random_model
+
+from .conftest import assert_same_weights, weights_snapshot
+
+FAST = {"steps": 10, "prefixes": 0, "layers": [1, 2]}
+FIRST = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")
+SECOND = EditRequest("{} plays the position of", "Ricky Rubio", "goalkeeper")
+
+
+def test_the_selected_neurons_are_the_fewest_that_carry_the_share():
+    keys = torch.tensor([[0.1, -0.1], [5.0, 3.0], [-2.0, -1.0], [0.5, 0.2], [0.0, 0.1]])
+    # |activation| per neuron: 0.2, 8.0, 3.0, 0.7, 0.1 of 12.0 in all
+    assert neurons_carrying(keys, 0.5).tolist() == [1]
+    assert neurons_carrying(keys, 0.9).tolist() == [1, 2]  # 11.0 >= 10.8
+    assert neurons_carrying(keys, 1.0).tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def editor(gpt2_tok, corpus_file, tmp_path_factory):
+    model = tiny_random_model("llama", len(gpt2_tok))
+    stats = corpus_statistics(
+        model, gpt2_tok, tmp_path_factory.mktemp("stats"), corpus_file, samples=2_000
+    )
+    return Editor(model, gpt2_tok, stats)
+
+
+def test_an_nse_edit_changes_only_the_selected_neurons_and_reverts_exactly(editor):
+    snapshot = weights_snapshot(editor.model)
+    result = editor.compute([FIRST], "nse", {**FAST, "neuron_share": 0.5})
+    assert_same_weights(editor.model, snapshot)  # computing leaves the model alone
+    assert result.diagnostics.prob_after[0] > result.diagnostics.prob_before[0]
+    assert sorted(result.patch.keys) == [1, 2] and result.patch.keys[1].shape[1] == 1
+    for layer in (1, 2):
+        delta = result.patch.deltas[editor.spec.weight_name(layer)]
+        assert isinstance(delta, FactoredDelta)
+        touched = int((delta.dense().abs().sum(0) > 0).sum())  # columns = MLP neurons
+        width = delta.right.shape[0]
+        assert 0 < touched < width / 2, (layer, touched, width)
+    applied = apply_patch(editor.model, result.patch)
+    revert_patch(editor.model, applied)
+    assert_same_weights(editor.model, snapshot)
+
+
+def test_targets_come_from_the_rewound_weights_and_earlier_keys_are_protected(editor):
+    snapshot = weights_snapshot(editor.model)
+    first = editor.compute([FIRST], "nse", FAST)
+    on_base = editor.compute([SECOND], "nse", FAST)
+    applied = apply_patch(editor.model, first.patch)
+    try:
+        with rewound(editor.model, [first.patch]):
+            rewound_weights = weights_snapshot(editor.model)
+        after = editor.compute([SECOND], "nse", FAST, history=[first.patch])
+    finally:
+        revert_patch(editor.model, applied)
+    assert_same_weights(editor.model, snapshot)
+    for name, value in rewound_weights.items():  # rewinding gives the weights before
+        assert torch.allclose(value, snapshot[name], atol=1e-6), name
+    # the target loss is optimised on the rewound (= unedited) weights: same curve as alone
+    assert after.diagnostics.losses == pytest.approx(on_base.diagnostics.losses, rel=1e-4)
+    key = first.patch.keys[2].double()
+    name = editor.spec.weight_name(2)
+    moved_alone = torch.linalg.norm(on_base.patch.deltas[name].dense().double() @ key)
+    moved_after = torch.linalg.norm(after.patch.deltas[name].dense().double() @ key)
+    assert moved_after < moved_alone
+
+
+def test_bad_nse_hyperparameters_are_named():
+    for overrides, field in (
+        ({"neuron_share": 0.0}, "neuron_share"),
+        ({"neuron_share": 1.5}, "neuron_share"),
+        ({"iterations": 0}, "iterations"),
+        ({"tolerance": 1.0}, "tolerance"),
+        ({"mom2_update_weight": -1.0}, "mom2_update_weight"),
+    ):
+        with pytest.raises(UnknownHyperparameterError) as caught:
+            NSEHyperParams(**overrides)
+        assert caught.value.field == field
