@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .core.values import ProgressFn
 from .methods import get_method
-from .model_spec import ModelSpec, detect_spec
+from .model_spec import ModelSpec, detect_spec, num_layers
 from .patch import Patch
 from .prefixes import sample_prefixes
 from .requests import EditRequest
@@ -44,6 +44,12 @@ class Editor:
 
     def hparams(self, method: str, overrides: dict[str, Any] | None = None) -> Any:
         return get_method(method).hparams(self.spec.family, overrides)
+
+    def statistics_layers(self, method: str, overrides: dict[str, Any] | None = None) -> list[int]:
+        """The layers whose statistics an edit with `method` reads (none for some methods)."""
+        chosen = get_method(method)
+        hparams = chosen.hparams(self.spec.family, overrides)
+        return chosen.statistics_layers(hparams, num_layers(self.model, self.spec))
 
     def prefixes(self, hparams: Any) -> list[str]:
         key = (hparams.prefixes, hparams.prefix_length, hparams.seed)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import alphaedit, ft, memit, nse, rome
+from . import alphaedit, ft, grace, memit, nse, rome
 from .errors import UnknownMethodError
 from .hparams import with_overrides
 
@@ -20,6 +20,11 @@ class Method:
     compute: Callable[..., Any]
     family_defaults: dict[str, dict[str, Any]]
     uses_history: bool = False  # compute takes `history`, the patches applied before
+    needs_statistics: bool = True  # reads the second moment C of its edited layers
+
+    def statistics_layers(self, hparams: Any, n_layers: int) -> list[int]:
+        """The layers whose statistics an edit with `hparams` reads (none for some)."""
+        return hparams.edited_layers(n_layers) if self.needs_statistics else []
 
     def hparams(self, family: str, overrides: dict[str, Any] | None = None) -> Any:
         """Defaults for `family`, then the caller's overrides (unknown names refused)."""
@@ -70,8 +75,9 @@ METHODS: dict[str, Method] = {
         {"llama": _LLAMA_NSE, "gemma3_text": _LLAMA_NSE},
         uses_history=True,
     ),
-    "ft-l": Method("ft-l", ft.FTLHyperParams, ft.compute, {}),
-    "ft-m": Method("ft-m", ft.FTMHyperParams, ft.compute, {}),
+    "grace": Method("grace", grace.GRACEHyperParams, grace.compute, {}, needs_statistics=False),
+    "ft-l": Method("ft-l", ft.FTLHyperParams, ft.compute, {}, needs_statistics=False),
+    "ft-m": Method("ft-m", ft.FTMHyperParams, ft.compute, {}, needs_statistics=False),
 }
 
 

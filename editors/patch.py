@@ -16,9 +16,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
+from .codebook import Codebook, codebook_of, io_dims, set_codebook
 from .errors import PatchError
 
 _KEYS = "@keys.layer"  # tensor-name prefix of the stored keys (no parameter name has '@')
+_CODEBOOK = "@codebook."  # tensor-name prefix of codebook entries, by module path
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,14 @@ def dense_of(delta: Delta) -> torch.Tensor:
 @dataclass
 class Patch:
     """Deltas by parameter name; `keys` holds, per layer, the keys [d_in, n] the edit wrote
-    there, for methods that protect earlier edits (AlphaEdit reads them from the history)."""
+    there, for methods that protect earlier edits (AlphaEdit reads them from the history);
+    `codebooks` holds codebook entries to add beside modules, by module path (GRACE)."""
 
     method: str
     deltas: dict[str, Delta]
     metadata: dict[str, str] = field(default_factory=dict)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    codebooks: dict[str, Codebook] = field(default_factory=dict)
 
     @property
     def parameter_names(self) -> list[str]:
@@ -65,6 +69,10 @@ class Patch:
                 tensors[f"{name}::dense"] = delta.float().contiguous()
         for layer, keys in self.keys.items():
             tensors[f"{_KEYS}{layer}::keys"] = keys.float().contiguous()
+        for path, book in self.codebooks.items():
+            tensors[f"{_CODEBOOK}{path}::keys"] = book.keys.float().contiguous()
+            tensors[f"{_CODEBOOK}{path}::values"] = book.values.float().contiguous()
+            tensors[f"{_CODEBOOK}{path}::radii"] = book.radii.float().contiguous()
         # one metadata key: safetensors writes several in no fixed order, breaking the hash
         header = json.dumps({"method": self.method, "metadata": self.metadata}, sort_keys=True)
         return st_save(tensors, metadata={"editserve": header})
@@ -87,13 +95,26 @@ class Patch:
         for key, tensor in tensors.items():
             name, _, part = key.rpartition("::")
             parts.setdefault(name, {})[part] = tensor
-        keys = {int(n.removeprefix(_KEYS)): p["keys"] for n, p in parts.items() if "keys" in p}
-        deltas: dict[str, Delta] = {
-            name: FactoredDelta(p["left"], p["right"]) if "left" in p else p["dense"]
-            for name, p in parts.items()
-            if "keys" not in p
-        }
-        return cls(meta.get("method", ""), deltas, dict(meta.get("metadata", {})), keys)
+        try:
+            codebooks = {
+                name.removeprefix(_CODEBOOK): Codebook(p["keys"], p["values"], p["radii"])
+                for name, p in parts.items()
+                if name.startswith(_CODEBOOK)
+            }
+            keys = {
+                int(name.removeprefix(_KEYS)): p["keys"]
+                for name, p in parts.items()
+                if name.startswith(_KEYS)
+            }
+            deltas: dict[str, Delta] = {
+                name: FactoredDelta(p["left"], p["right"]) if "left" in p else p["dense"]
+                for name, p in parts.items()
+                if not name.startswith("@")
+            }
+        except (KeyError, ValueError) as exc:
+            raise PatchError(f"patch bytes hold an incomplete entry: {exc}", field="patch") from exc
+        metadata = dict(meta.get("metadata", {}))
+        return cls(meta.get("method", ""), deltas, metadata, keys, codebooks)
 
     def delta_norms(self) -> dict[str, float]:
         """Frobenius norm of each parameter's delta."""
@@ -116,7 +137,10 @@ class Patch:
         keys = dict(self.keys)
         for layer, more in other.keys.items():
             keys[layer] = torch.cat([keys[layer], more], 1) if layer in keys else more
-        return Patch(self.method, deltas, {**self.metadata, **other.metadata}, keys)
+        books = dict(self.codebooks)
+        for path, book in other.codebooks.items():
+            books[path] = books[path].extended(book) if path in books else book
+        return Patch(self.method, deltas, {**self.metadata, **other.metadata}, keys, books)
 
 
 def _read_metadata(data: bytes) -> dict:
@@ -127,9 +151,11 @@ def _read_metadata(data: bytes) -> dict:
 
 @dataclass
 class AppliedPatch:
-    """Original values of the parameters a patch changed; `revert` restores them exactly."""
+    """Original values of the parameters a patch changed, and the codebooks it replaced;
+    `revert` restores them exactly."""
 
     originals: dict[str, torch.Tensor]
+    codebooks: dict[str, Codebook | None] = field(default_factory=dict)
 
 
 def _parameter(model: nn.Module, name: str) -> nn.Parameter:
@@ -155,14 +181,38 @@ def apply_patch(model: nn.Module, patch: Patch) -> AppliedPatch:
                 f"delta for {name} has shape {tuple(shape)}, parameter is {tuple(param.shape)}",
                 field="patch",
             )
+    modules = {path: codebook_module(model, path, book) for path, book in patch.codebooks.items()}
     originals = {name: param.detach().clone() for name, param in params.items()}
     for name, param in params.items():
         update = dense_of(patch.deltas[name]).to(param.device)
         param.copy_((param.float() + update).to(param.dtype))
-    return AppliedPatch(originals)
+    books: dict[str, Codebook | None] = {}
+    for path, module in modules.items():
+        books[path] = before = codebook_of(module)
+        added = patch.codebooks[path]
+        set_codebook(module, before.extended(added) if before is not None else added)
+    return AppliedPatch(originals, books)
 
 
 @torch.no_grad()
 def revert_patch(model: nn.Module, applied: AppliedPatch) -> None:
     for name, original in applied.originals.items():
         _parameter(model, name).copy_(original)
+    for path, book in applied.codebooks.items():
+        set_codebook(model.get_submodule(path), book)
+
+
+def codebook_module(model: nn.Module, path: str, book: Codebook) -> nn.Module:
+    """The module at `path`, checked to take codebook entries of `book`'s sizes."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError as exc:
+        raise PatchError(f"model has no module {path!r}", field="patch") from exc
+    dims = io_dims(module)
+    wanted = (int(book.keys.shape[1]), int(book.values.shape[1]))
+    if dims != wanted:
+        raise PatchError(
+            f"codebook for {path} maps {wanted[0]} -> {wanted[1]}, the module {dims}",
+            field="patch",
+        )
+    return module

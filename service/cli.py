@@ -17,7 +17,6 @@ def cmd_edit(args: argparse.Namespace) -> int:
     import torch
 
     from editors.editor import Editor, corpus_statistics
-    from editors.model_spec import num_layers
     from editors.models import default_cache_dir, load_model
 
     from .progress import progress_bar
@@ -46,8 +45,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         stats = corpus_statistics(model, tok, cache, args.corpus, args.samples, progress=bar)
         editor = Editor(model, tok, stats)
         try:
-            hparams = editor.hparams(args.method, parse_overrides(args.set))
-            stats.prepare(hparams.edited_layers(num_layers(model, editor.spec)))
+            stats.prepare(editor.statistics_layers(args.method, parse_overrides(args.set)))
         except EditError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -40,7 +40,7 @@ def editors_by_family(gpt2_tok, corpus_file, tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "nse", "ft-l", "ft-m"])
+@pytest.mark.parametrize("method", ["rome", "memit", "alphaedit", "nse", "grace", "ft-l", "ft-m"])
 def test_edit_applies_changes_output_and_reverts_exactly(editors_by_family, family, method):
     editor = editors_by_family[family]
     model, tok = editor.model, editor.tok
@@ -49,13 +49,18 @@ def test_edit_applies_changes_output_and_reverts_exactly(editors_by_family, fami
     before_logits = model(**ids).logits
     snapshot = weights_snapshot(model)
 
-    result = editor.compute([REQUEST], method, FAST)
+    overrides = {"steps": 30, "lr": 0.5} if method == "grace" else FAST
+    result = editor.compute([REQUEST], method, overrides)
     assert_same_weights(model, snapshot)  # computing a patch changes nothing
     spec = editor.spec
     for name, delta in result.patch.deltas.items():
         assert dense_of(delta).shape == model.get_parameter(name).shape
-    expected = {spec.weight_name(layer) for layer in result.diagnostics.layers}
-    assert set(result.patch.deltas) == expected
+    layers = result.diagnostics.layers
+    if method == "grace":  # codebook entries beside the module, no weight changes
+        assert result.patch.deltas == {}
+        assert set(result.patch.codebooks) == {spec.mlp_out_path(layer) for layer in layers}
+    else:
+        assert set(result.patch.deltas) == {spec.weight_name(layer) for layer in layers}
 
     applied = apply_patch(model, result.patch)
     after_logits = model(**ids).logits

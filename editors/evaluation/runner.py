@@ -23,7 +23,6 @@ from ..metrics import (
     multi_hop_accuracy,
     perplexity,
 )
-from ..model_spec import num_layers
 from ..patch import AppliedPatch, Patch, apply_patch, revert_patch
 from ..requests import EditRequest
 from .plan import EvaluationPlan, EvaluationRow, EvaluationStopped
@@ -163,7 +162,7 @@ class Evaluation:
         if self.plan.protocol != "none":
             hparams = self.editor.hparams(self.plan.method, self.plan.hparams)
             self.editor.stats.prepare(
-                hparams.edited_layers(num_layers(self.model, self.editor.spec))
+                self.editor.statistics_layers(self.plan.method, self.plan.hparams)
             )
             self.editor.prefixes(hparams)
 

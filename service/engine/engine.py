@@ -25,7 +25,6 @@ from editors.editor import Editor, corpus_statistics
 from editors.errors import EditError
 from editors.methods import METHODS, get_method
 from editors.metrics import evaluate, locality_reference
-from editors.model_spec import num_layers
 from editors.patch import FactoredDelta, Patch
 from editors.requests import EditRequest
 from editors.result import EditResult
@@ -149,10 +148,7 @@ class Engine:
         """Statistics of every layer a method edits by default, before the service is ready:
         computed once (minutes on a CPU) and cached, so no edit stalls the lane for them."""
         editor = self.editor
-        n_layers = num_layers(self.model, editor.spec)
-        layers = sorted(
-            {layer for name in METHODS for layer in editor.hparams(name).edited_layers(n_layers)}
-        )
+        layers = sorted({layer for name in METHODS for layer in editor.statistics_layers(name)})
         stats = editor.stats
 
         def report(fraction: float, stage: str) -> None:
@@ -295,7 +291,7 @@ class Engine:
         requests = [request_from_record(r) for r in requests_of]
         editor = self.editor
         hparams = editor.hparams(method, overrides)
-        layers = hparams.edited_layers(num_layers(self.model, editor.spec))
+        layers = editor.statistics_layers(method, overrides)
         stats = editor.stats
         if progress is not None and hasattr(stats, "progress"):
             stats.progress = progress  # type: ignore[attr-defined]
@@ -328,8 +324,7 @@ class Engine:
 
         def on_lane() -> Editor:
             editor = self.editor
-            hparams = editor.hparams(method, overrides)
-            self._ensure_statistics(hparams.edited_layers(num_layers(self.model, editor.spec)))
+            self._ensure_statistics(editor.statistics_layers(method, overrides))
             if at_head:
                 self._follow_head()
                 copy = deepcopy(self.model)

@@ -60,7 +60,6 @@ def _cases(args: argparse.Namespace) -> list:
 def cmd_eval(args: argparse.Namespace) -> int:
     from editors.editor import Editor, corpus_statistics
     from editors.evaluation import EvaluationPlan, run_evaluation
-    from editors.model_spec import num_layers
     from editors.models import default_cache_dir, load_model
 
     from ..progress import progress_bar
@@ -97,9 +96,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
         editor = Editor(model, tok, stats)
         try:
-            hparams = editor.hparams(plan.method, plan.hparams)
+            editor.hparams(plan.method, plan.hparams)  # bad names fail here, before the run
             if plan.protocol != "none":  # computed here, under this bar, not mid-run
-                stats.prepare(hparams.edited_layers(num_layers(model, editor.spec)))
+                stats.prepare(editor.statistics_layers(plan.method, plan.hparams))
         except EditError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

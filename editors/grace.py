@@ -1,0 +1,162 @@
+"""GRACE: lifelong editing with a discrete key-value adaptor (Hartvigsen et al., 2023).
+
+No weight changes. At one layer's MLP output module, an edit adds codebook entries
+(editors/codebook.py): for every position t whose next token is a target token (the prompt's
+last token, then each target token but the last, teacher-forced),
+  key    k_t = the module's input at t                 (what the model computes there now)
+  value  v_t = argmin_v  NLL(target | prompt)  with the module's output at t replaced by v_t
+  radius r_t = radius * |k_t|                           (inputs this close to k_t trigger it)
+The values of all positions and requests are optimised together, starting from the
+module's own outputs. An entry fires only near its key, so what the edit does not touch
+keeps its output exactly: high locality, and paraphrases generalise only when their keys
+fall inside a radius.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .codebook import Codebook
+from .core.keys import pad_id_of, right_padded
+from .core.values import ProgressFn
+from .errors import UnknownHyperparameterError
+from .hparams import check_layers, layer_at
+from .model_spec import ModelSpec, detect_spec
+from .patch import Patch
+from .requests import EditRequest
+from .result import Diagnostics, EditResult
+from .stats import Statistics
+from .tokens import encode_answer, encode_prompt
+
+
+@dataclass(frozen=True)
+class GRACEHyperParams:
+    layer: int | None = None  # None: the layer at `layer_fraction` of the depth
+    layer_fraction: float = 0.8
+    radius: float = 0.3  # an entry fires within this fraction of its key's norm
+    steps: int = 60
+    lr: float = 0.05  # Adam step on the values, in units of the outputs' mean norm
+    stop_nll: float = 0.05
+    prefixes: int = 0  # keys come from the bare prompts
+    prefix_length: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("radius", "steps", "lr", "stop_nll", "layer_fraction"):
+            if getattr(self, name) <= 0:
+                raise UnknownHyperparameterError(f"{name} must be positive", field=name)
+
+    def edited_layers(self, n_layers: int) -> list[int]:
+        layers = [self.layer if self.layer is not None else layer_at(self.layer_fraction, n_layers)]
+        check_layers(layers, n_layers)
+        return layers
+
+
+@dataclass(frozen=True)
+class _Batch:
+    ids: torch.Tensor  # [b, t] prompt + target, right-padded
+    mask: torch.Tensor
+    rows: torch.Tensor  # [m] (row, position) of every entry: position t predicts token t + 1
+    positions: torch.Tensor
+    request: torch.Tensor  # [m] which request each entry serves
+
+
+def _batch(tok: PreTrainedTokenizerBase, requests: list[EditRequest], device: torch.device):
+    sequences, rows, positions, owners = [], [], [], []
+    for i, request in enumerate(requests):
+        prompt, answer = encode_prompt(tok, request.text), encode_answer(tok, request.target)
+        sequences.append(prompt + answer)
+        for t in range(len(prompt) - 1, len(prompt) + len(answer) - 1):
+            rows.append(i)
+            positions.append(t)
+            owners.append(i)
+    ids, mask = right_padded(sequences, pad_id_of(tok), device)
+    as_tensor = lambda v: torch.tensor(v, device=device)  # noqa: E731
+    return _Batch(ids, mask, as_tensor(rows), as_tensor(positions), as_tensor(owners))
+
+
+def compute(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    hparams: GRACEHyperParams,
+    stats: Statistics | None = None,
+    *,
+    spec: ModelSpec | None = None,
+    progress: ProgressFn | None = None,
+    prefixes: list[str] | None = None,
+) -> EditResult:
+    """Codebook entries that make the model say each target; the model is left unchanged."""
+    del stats, prefixes  # GRACE needs neither statistics nor context prefixes
+    started = time.perf_counter()
+    spec = detect_spec(model, spec)
+    layer = hparams.edited_layers(len(model.get_submodule(spec.layers)))[0]
+    path = spec.mlp_out_path(layer)
+    module = model.get_submodule(path)
+    device = next(model.parameters()).device
+    batch = _batch(tok, requests, device)
+    diagnostics = Diagnostics(method="grace", layers=[layer])
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(_m: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        seen["input"], seen["output"] = args[0].detach(), output.detach()
+
+    handle = module.register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
+    finally:
+        handle.remove()
+    keys = seen["input"][batch.rows, batch.positions].float()
+    start = seen["output"][batch.rows, batch.positions].float()
+    scale = float(start.norm(dim=1).mean().clamp_min(1e-6))
+    values = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([values], lr=hparams.lr * scale / start.shape[1] ** 0.5)
+
+    def replace(_m: torch.nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        output = output.clone()
+        output[batch.rows, batch.positions] = values.to(output.dtype)
+        return output
+
+    targets = batch.ids[batch.rows, batch.positions + 1]
+    handle = module.register_forward_hook(replace)
+    try:
+        for step in range(hparams.steps):
+            logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
+            token_nll = F.cross_entropy(
+                logits[batch.rows, batch.positions].float(), targets, reduction="none"
+            )
+            per_request = (
+                torch.zeros(len(requests), device=device).index_add(
+                    0, batch.request, token_nll.detach()
+                )
+                / torch.bincount(batch.request, minlength=len(requests)).float()
+            )
+            if step == 0:
+                diagnostics.prob_before = torch.exp(-per_request).tolist()
+            diagnostics.prob_after = torch.exp(-per_request).tolist()
+            loss = token_nll.mean()
+            diagnostics.losses.append(float(loss.detach()))
+            diagnostics.steps = step + 1
+            if progress:
+                progress((step + 1) / hparams.steps, "optimise codebook values")
+            if float(token_nll.detach().max()) < hparams.stop_nll:
+                break
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        handle.remove()
+
+    radii = hparams.radius * keys.norm(dim=1)
+    book = Codebook(keys.cpu().contiguous(), values.detach().float().cpu(), radii.cpu())
+    patch = Patch("grace", {}, {"layer": str(layer)}, codebooks={path: book})
+    diagnostics.extra["entries"] = len(book)
+    diagnostics.seconds["total"] = time.perf_counter() - started
+    return EditResult(patch, diagnostics)
