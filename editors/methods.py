@@ -21,6 +21,7 @@ class Method:
     family_defaults: dict[str, dict[str, Any]]
     uses_history: bool = False  # compute takes `history`, the patches applied before
     needs_statistics: bool = True  # reads the second moment C of its edited layers
+    subtractable: bool = True  # its patch can be taken back by subtracting it (weights only)
 
     def statistics_layers(self, hparams: Any, n_layers: int) -> list[int]:
         """The layers whose statistics an edit with `hparams` reads (none for some)."""
@@ -75,7 +76,14 @@ METHODS: dict[str, Method] = {
         {"llama": _LLAMA_NSE, "gemma3_text": _LLAMA_NSE},
         uses_history=True,
     ),
-    "grace": Method("grace", grace.GRACEHyperParams, grace.compute, {}, needs_statistics=False),
+    "grace": Method(
+        "grace",
+        grace.GRACEHyperParams,
+        grace.compute,
+        {},
+        needs_statistics=False,
+        subtractable=False,
+    ),
     "ft-l": Method("ft-l", ft.FTLHyperParams, ft.compute, {}, needs_statistics=False),
     "ft-m": Method("ft-m", ft.FTMHyperParams, ft.compute, {}, needs_statistics=False),
 }

@@ -302,3 +302,40 @@ def test_alphaedit_state_follows_the_ledger_through_a_rollback(tiny_settings):
         job = wait_job(client, post_edit(client, *second, method="alphaedit")["job_id"])
         patches = {v["number"]: v["patch_sha256"] for v in client.get("/v1/versions").json()}
         assert patches[5] not in (patches[2], None)
+
+
+def test_grace_codebook_is_served_rolled_back_and_replayed(tiny_settings):
+    """A GRACE edit changes no weight, yet /generate says the target; a rollback takes the
+    codebook away and a restart rebuilds it from the ledger, checksums and all."""
+    settings = tiny_settings()
+    prompt = "The mother tongue of Danielle Darrieux is"
+
+    def say(client) -> str:
+        body = {"inputs": prompt, "parameters": {"max_new_tokens": 1}}
+        return client.post("/v1/generate", json=body).json()["generated_text"]
+
+    with running_app(settings) as client:
+        unedited = say(client)
+        accepted = post_edit(client, *FACTS[0], method="grace", hparams={"lr": 0.5})
+        job = wait_job(client, accepted["job_id"])
+        assert job["status"] == "applied", job
+        edit = client.get(f"/v1/edits/{accepted['edit_ids'][0]}").json()
+        assert edit["diagnostics"]["extra"]["entries"] >= 1
+        model = client.get("/v1/model").json()
+        assert model["checksum"] != model["base_checksum"]  # the codebook is in the sum
+        assert model["edited_parameters"] == []  # no weight changed
+        edited_checksum, edited = model["checksum"], say(client)
+        assert edited.strip() == "English" and edited != unedited
+        subtract = client.post(f"/v1/edits/{edit['id']}/revert", json={"mode": "subtract"})
+        assert subtract.status_code == 422 and subtract.json()["field"] == "mode"
+
+    with running_app(settings) as client:  # replayed: the same codebook, the same answer
+        assert client.get("/v1/model").json()["checksum"] == edited_checksum
+        assert say(client) == edited
+        rolled = client.post("/v1/rollback", json={"to_version": 0}).json()
+        assert rolled["status"] == "applied"
+        model = client.get("/v1/model").json()
+        assert model["checksum"] == model["base_checksum"]
+        assert say(client) == unedited
+        rebased = client.post("/v1/rollback", json={"to_version": 1}).json()
+        assert rebased["status"] == "applied" and say(client) == edited

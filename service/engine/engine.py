@@ -509,6 +509,13 @@ class Engine:
                 field="mode",
             )
         assert carrier.patch_sha256 is not None
+        patch = self._patch(carrier.patch_sha256)
+        if patch.codebooks:
+            raise JobRejectedError(
+                f"edit {edit_id} is codebook entries ({patch.method}), which a subtraction "
+                "cannot take back; use mode=rebase",
+                field="mode",
+            )
         self._commit(
             NewVersion(
                 kind=VersionKind.revert,
@@ -517,7 +524,7 @@ class Engine:
                 reverts=carrier.number,
                 note=f"revert edit {edit_id} (subtract the patch of version {carrier.number})",
             ),
-            negated(self._patch(carrier.patch_sha256)),
+            negated(patch),
             job.id,
             finish_job=True,
         )

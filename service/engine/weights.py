@@ -4,16 +4,21 @@ Only matrices a patch has touched are tracked: their base values are kept, and a
 master holds base + the applied deltas; the served parameter is the master cast to the
 serving dtype. Restoring a version recomputes the masters from the base in ledger order,
 so the weights (and their checksum) are a pure function of the patch sequence.
+Codebook entries (GRACE) are state of the same kind: the codebook of each module is the
+concatenation of the entries of the applied patches, rebuilt on restore, and part of the
+checksum once any module has one.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from editors.patch import Delta, FactoredDelta, Patch, PatchError, dense_of
+from editors.codebook import Codebook, set_codebook
+from editors.patch import Delta, FactoredDelta, Patch, PatchError, codebook_module, dense_of
 
 
 def tensor_digest(tensor: torch.Tensor) -> bytes:
@@ -28,6 +33,7 @@ class WeightState:
         self._base: dict[str, torch.Tensor] = {}
         self._master: dict[str, torch.Tensor] = {}
         self._digests = {name: tensor_digest(p) for name, p in self.params.items()}
+        self._codebooks: dict[str, Codebook] = {}
 
     @property
     def tracked(self) -> list[str]:
@@ -39,6 +45,11 @@ class WeightState:
         for name in sorted(self._digests):
             total.update(name.encode())
             total.update(self._digests[name])
+        for path in sorted(self._codebooks):  # absent until a codebook edit: old sums hold
+            book = self._codebooks[path]
+            total.update(f"codebook:{path}".encode())
+            for tensor in (book.keys, book.values, book.radii):
+                total.update(tensor_digest(tensor.float()))
         return total.hexdigest()
 
     def _track(self, name: str) -> torch.Tensor:
@@ -56,6 +67,8 @@ class WeightState:
         self._digests[name] = tensor_digest(param)
 
     def check_fits(self, patch: Patch) -> None:
+        for path, book in patch.codebooks.items():
+            codebook_module(self.model, path, book)
         for name, delta in patch.deltas.items():
             param = self.params.get(name)
             if param is None:
@@ -67,6 +80,15 @@ class WeightState:
                     field="patch",
                 )
 
+    def _add_entries(self, patch: Patch) -> None:
+        for path, book in patch.codebooks.items():
+            mine = self._codebooks.get(path)
+            self._codebooks[path] = mine.extended(book) if mine is not None else book
+
+    def _publish_codebooks(self, paths: set[str]) -> None:
+        for path in paths:
+            set_codebook(self.model.get_submodule(path), self._codebooks.get(path))
+
     @torch.no_grad()
     def apply(self, patch: Patch) -> None:
         self.check_fits(patch)
@@ -74,6 +96,8 @@ class WeightState:
             master = self._track(name)
             master += dense_of(patch.deltas[name]).to(master.device)
             self._publish(name)
+        self._add_entries(patch)
+        self._publish_codebooks(set(patch.codebooks))
 
     @torch.no_grad()
     def restore(self, patches: list[Patch]) -> None:
@@ -82,24 +106,40 @@ class WeightState:
             self.check_fits(patch)
         for name in list(self._master):
             self._master[name] = self._base[name].float().clone()
+        touched = set(self._codebooks)
+        self._codebooks = {}
         for patch in patches:
             for name in patch.parameter_names:
                 master = self._track(name)
                 master += dense_of(patch.deltas[name]).to(master.device)
+            self._add_entries(patch)
         for name in self._master:
             self._publish(name)
+        self._publish_codebooks(touched | set(self._codebooks))
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {name: master.clone() for name, master in self._master.items()}
+    def snapshot(self) -> WeightSnapshot:
+        masters = {name: master.clone() for name, master in self._master.items()}
+        return WeightSnapshot(masters, dict(self._codebooks))
 
     @torch.no_grad()
-    def reset_to(self, snapshot: dict[str, torch.Tensor]) -> None:
+    def reset_to(self, snapshot: WeightSnapshot) -> None:
         """Undo to a snapshot (used when a version could not be recorded)."""
         for name in list(self._master):
             self._master[name] = (
-                snapshot[name].clone() if name in snapshot else self._base[name].float().clone()
+                snapshot.masters[name].clone()
+                if name in snapshot.masters
+                else self._base[name].float().clone()
             )
             self._publish(name)
+        touched = set(self._codebooks) | set(snapshot.codebooks)
+        self._codebooks = dict(snapshot.codebooks)
+        self._publish_codebooks(touched)
+
+
+@dataclass(frozen=True)
+class WeightSnapshot:
+    masters: dict[str, torch.Tensor]  # fp32 masters of the tracked parameters
+    codebooks: dict[str, Codebook]  # codebooks are never changed in place: no copy needed
 
 
 def dense_shape(delta: Delta) -> tuple[int, ...]:

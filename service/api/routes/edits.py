@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import JSONResponse
 
+from editors.methods import METHODS
+
 from ...ledger.schema import JobKind, Status
 from ...ledger.store import NewEdit, live_edits
 from ...observability import request_id
@@ -80,6 +82,12 @@ async def revert_edit(
     if edit_id not in live:
         raise conflict(f"edit {edit_id} is not in effect at version {head.number}", "edit_id")
     if body.mode == "subtract":
+        if edit.method in METHODS and not METHODS[edit.method].subtractable:
+            raise bad_input(
+                f"edit {edit_id} is {edit.method} codebook entries, which a subtraction "
+                "cannot take back; use mode=rebase",
+                "mode",
+            )
         carrier = state.ledger.version(live[edit_id])
         if carrier is not None and len(carrier.edit_ids) > 1:
             raise bad_input(
