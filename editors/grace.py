@@ -38,7 +38,7 @@ from .tokens import encode_answer, encode_prompt
 class GRACEHyperParams:
     layer: int | None = None  # None: the layer at `layer_fraction` of the depth
     layer_fraction: float = 0.8
-    radius: float = 0.3  # an entry fires within this fraction of its key's norm
+    radius: float = 0.05  # an entry fires within this fraction of its key's norm
     steps: int = 60
     lr: float = 0.05  # Adam step on the values, in units of the outputs' mean norm
     stop_nll: float = 0.05
