@@ -3,6 +3,7 @@ protocols, reporting each metric against the unedited model's."""
 
 from .plan import PROTOCOLS, EvaluationPlan, EvaluationRow, EvaluationStopped
 from .runner import Evaluation, run_evaluation
+from .summary import summarize
 
 __all__ = [
     "PROTOCOLS",
@@ -11,4 +12,5 @@ __all__ = [
     "EvaluationRow",
     "EvaluationStopped",
     "run_evaluation",
+    "summarize",
 ]

@@ -27,6 +27,7 @@ from ..patch import AppliedPatch, Patch, apply_patch, revert_patch
 from ..requests import EditRequest
 from .plan import EvaluationPlan, EvaluationRow, EvaluationStopped
 from .probe import PROBE_TEXT
+from .summary import summarize
 
 Case = EditRequest | MultiHopCase
 ProgressFn = Callable[[float, str], None]
@@ -292,24 +293,7 @@ class Evaluation:
         return EvaluationRow(kind, self.edits_done, metrics, baseline)  # type: ignore[arg-type]
 
     def summary(self, stopped_at: str | None) -> dict[str, Any]:
-        final = next((r for r in reversed(self.rows) if r.kind == "final"), None)
-        return {
-            "plan": self.plan.to_dict(),
-            "cases": len(self.cases),
-            "edits_done": self.edits_done,
-            "errors": len(self._errors),
-            "completed": stopped_at is None,
-            "stopped_at": stopped_at,
-            "baseline": self._base_model if self._base else None,
-            "final": final.metrics if final else None,
-            "final_baseline": final.baseline if final else None,
-            "checkpoints": [
-                {"edits_done": r.edits_done, "metrics": r.metrics, "baseline": r.baseline}
-                for r in self.rows
-                if r.kind == "checkpoint"
-            ],
-            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-        }
+        return summarize(self.plan.to_dict(), len(self.cases), self.rows, stopped_at, self.seconds)
 
 
 def _case_id(case: Case, index: int) -> str:

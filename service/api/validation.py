@@ -33,20 +33,26 @@ def validated_edits(
         raise bad_input("edits is empty", "edits")
     if len(items) > settings.max_edits_per_job:
         raise bad_input(f"at most {settings.max_edits_per_job} edits per job", "edits")
-    try:
-        get_method(body.method)
-    except EditError as exc:
-        raise from_edit_error(exc) from exc
-    try:
-        hparams = engine.editor.hparams(body.method, body.hparams)
-        hparams.edited_layers(num_layers(engine.model, engine.editor.spec))
-    except EditError as exc:
-        raise from_edit_error(exc, "hparams.") from exc
+    checked_method(body.method, body.hparams, engine)
     return (
         [checked_request(prefix, item, engine, settings) for prefix, item in items],
         body.method,
         dict(body.hparams),
     )
+
+
+def checked_method(method: str, overrides: dict[str, Any], engine: Engine) -> None:
+    """The method exists and `overrides` on its family defaults make valid hyperparameters
+    for this model; a 422 names `method` or `hparams.<name>` otherwise."""
+    try:
+        get_method(method)
+    except EditError as exc:
+        raise from_edit_error(exc) from exc
+    try:
+        hparams = engine.editor.hparams(method, overrides)
+        hparams.edited_layers(num_layers(engine.model, engine.editor.spec))
+    except EditError as exc:
+        raise from_edit_error(exc, "hparams.") from exc
 
 
 def checked_request(prefix: str, item: EditIn, engine: Engine, settings: Settings) -> EditRequest:

@@ -10,8 +10,7 @@ from starlette.concurrency import run_in_threadpool
 
 from editors.datasets import DatasetError
 from editors.errors import EditError
-from editors.evaluation import EvaluationPlan, EvaluationRow
-from editors.model_spec import num_layers
+from editors.evaluation import EvaluationPlan, EvaluationRow, summarize
 
 from ...evaluations.jobs import cases_of, row_of, where_stopped
 from ...evaluations.report import to_csv, to_html
@@ -21,7 +20,7 @@ from ...state import ServiceState
 from ..deps import EngineDep, StateDep, require
 from ..errors import bad_input, from_edit_error, not_found
 from ..schemas import MAX_ID, EvaluationIn, EvaluationOut
-from ..validation import checked_request
+from ..validation import checked_method, checked_request
 
 JobId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
@@ -78,12 +77,9 @@ async def create_evaluation(
             hparams=dict(body.hparams),
             fluency=body.fluency,
         )
-        hparams = engine.editor.hparams(plan.method, plan.hparams)
-        hparams.edited_layers(num_layers(engine.model, engine.editor.spec))
     except EditError as exc:
-        raise from_edit_error(
-            exc, "hparams." if exc.field not in (None, "method", "protocol") else ""
-        ) from exc
+        raise from_edit_error(exc) from exc
+    checked_method(plan.method, plan.hparams, engine)
     source = _source(body, state, engine)
     count = await run_in_threadpool(_check_cases, source, state)
     payload = {"source": source, "plan": plan.to_dict(), "cases": count, "at_head": body.at_head}
@@ -162,31 +158,11 @@ def _summary(job: Job, rows: list[EvaluationRow], state: ServiceState) -> dict[s
     """The run's own summary when it ended normally; else one rebuilt from its rows."""
     if job.result is not None:
         return job.result
-    final = next((r for r in reversed(rows) if r.kind in ("final", "checkpoint")), None)
-    baseline = next((r for r in rows if r.kind == "baseline"), None)
     stopped = job.error if job.status.terminal else None
-    return {
-        "plan": job.payload["plan"],
-        "cases": job.payload["cases"],
-        "edits_done": max((r.edits_done for r in rows), default=0),
-        "errors": sum(1 for r in rows if r.error),
-        "completed": False,
-        "stopped_at": stopped
-        or (
-            f"running: {where_stopped(state.ledger, job.id)}"
-            if job.status == Status.running
-            else "queued"
-        ),
-        "baseline": baseline.metrics if baseline else None,
-        "final": final.metrics if final else None,
-        "final_baseline": final.baseline if final else None,
-        "checkpoints": [
-            {"edits_done": r.edits_done, "metrics": r.metrics, "baseline": r.baseline}
-            for r in rows
-            if r.kind == "checkpoint"
-        ],
-        "seconds": {},
-    }
+    if not stopped:
+        running = job.status == Status.running
+        stopped = f"running: {where_stopped(state.ledger, job.id)}" if running else "queued"
+    return summarize(job.payload["plan"], job.payload["cases"], rows, stopped)
 
 
 def _out(job: Job, state: ServiceState, rows: bool = True) -> EvaluationOut:
