@@ -11,7 +11,7 @@ import torch
 
 from editors.editor import Editor, corpus_statistics
 from editors.models import default_cache_dir, load_model
-from editors.tiny import gpt2_tokenizer, load_facts, train_fact_model
+from editors.tiny import gpt2_tokenizer, load_facts, tiny_random_model, train_fact_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -56,6 +56,20 @@ def corpus_file(tmp_path_factory) -> Path:
     ]
     path.write_text("\n\n".join(lines), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_editor_factory(gpt2_tok, corpus_file, tmp_path_factory):
+    """Makes editors on fresh tiny random Llama models, with statistics from the corpus."""
+
+    def make() -> Editor:
+        model = tiny_random_model("llama", len(gpt2_tok))
+        stats = corpus_statistics(
+            model, gpt2_tok, tmp_path_factory.mktemp("stats"), corpus_file, samples=2_000
+        )
+        return Editor(model, gpt2_tok, stats)
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,7 @@ import torch
 from editors import EditRequest, apply_patch, revert_patch
 from editors.alphaedit import AlphaEditHyperParams
 from editors.core.updates import null_space_projection, null_space_update
-from editors.editor import Editor, corpus_statistics
 from editors.errors import UnknownHyperparameterError
-from editors.tiny import tiny_random_model
 
 from .conftest import assert_same_weights, weights_snapshot
 
@@ -46,12 +44,8 @@ def test_earlier_keys_are_left_almost_alone():
 
 
 @pytest.fixture(scope="module")
-def editor(gpt2_tok, corpus_file, tmp_path_factory):
-    model = tiny_random_model("llama", len(gpt2_tok))
-    stats = corpus_statistics(
-        model, gpt2_tok, tmp_path_factory.mktemp("stats"), corpus_file, samples=2_000
-    )
-    return Editor(model, gpt2_tok, stats)
+def editor(tiny_llama_editor_factory):
+    return tiny_llama_editor_factory()
 
 
 def test_the_patch_carries_its_keys_and_the_history_changes_the_next_edit(editor):

@@ -8,12 +8,10 @@ import torch
 
 from editors import EditRequest, apply_patch, revert_patch
 from editors.codebook import Codebook, codebook_of
-from editors.editor import Editor, corpus_statistics
 from editors.errors import PatchError, UnknownHyperparameterError
 from editors.grace import GRACEHyperParams
 from editors.metrics import evaluate
 from editors.patch import Patch
-from editors.tiny import tiny_random_model
 
 from .conftest import assert_same_weights, weights_snapshot
 
@@ -32,12 +30,8 @@ def test_an_entry_fires_only_within_its_radius():
 
 
 @pytest.fixture(scope="module")
-def editor(gpt2_tok, corpus_file, tmp_path_factory):
-    model = tiny_random_model("llama", len(gpt2_tok))
-    stats = corpus_statistics(
-        model, gpt2_tok, tmp_path_factory.mktemp("stats"), corpus_file, samples=2_000
-    )
-    return Editor(model, gpt2_tok, stats)
+def editor(tiny_llama_editor_factory):
+    return tiny_llama_editor_factory()
 
 
 def test_a_grace_edit_is_codebook_entries_that_make_the_model_say_the_target(editor):

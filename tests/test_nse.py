@@ -9,11 +9,9 @@ import torch
 from editors import EditRequest, apply_patch, revert_patch
 from editors.core.history import rewound
 from editors.core.updates import neurons_carrying
-from editors.editor import Editor, corpus_statistics
 from editors.errors import UnknownHyperparameterError
 from editors.nse import NSEHyperParams
 from editors.patch import FactoredDelta
-from editors.tiny import tiny_random_model
 
 from .conftest import assert_same_weights, weights_snapshot
 
@@ -31,12 +29,8 @@ def test_the_selected_neurons_are_the_fewest_that_carry_the_share():
 
 
 @pytest.fixture(scope="module")
-def editor(gpt2_tok, corpus_file, tmp_path_factory):
-    model = tiny_random_model("llama", len(gpt2_tok))
-    stats = corpus_statistics(
-        model, gpt2_tok, tmp_path_factory.mktemp("stats"), corpus_file, samples=2_000
-    )
-    return Editor(model, gpt2_tok, stats)
+def editor(tiny_llama_editor_factory):
+    return tiny_llama_editor_factory()
 
 
 def test_an_nse_edit_changes_only_the_selected_neurons_and_reverts_exactly(editor):
