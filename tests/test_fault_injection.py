@@ -69,10 +69,19 @@ def test_worker_killed_at_random_points_applies_every_edit_once_in_order(tiny_se
                 while b"ready at version" not in log.read_bytes():
                     assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
                     time.sleep(0.05)
-                time.sleep(chance.uniform(0.05, 1.5))
-                if worker.poll() is None and client.get(f"/v1/jobs/{jobs[-1]}").json()[
-                    "status"
-                ] in ("queued", "running"):
+                # kill after a seeded number of further versions and a seeded moment into
+                # the next job (progress-based, so a fast machine is interrupted as often)
+                wanted = _head(client) + chance.randint(1, 6)
+                while _head(client) < min(wanted, EDITS):
+                    if worker.poll() is not None or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.01)
+                time.sleep(chance.uniform(0.0, 0.05))
+                if (
+                    kills < 6
+                    and worker.poll() is None
+                    and client.get(f"/v1/jobs/{jobs[-1]}").json()["status"] in ("queued", "running")
+                ):
                     worker.send_signal(signal.SIGKILL)
                     worker.wait()
                     kills += 1
@@ -120,6 +129,11 @@ def test_postgres_restarted_mid_run_answers_503_then_resumes_by_itself(tiny_sett
             assert model["checksum"] == client.get("/v1/versions").json()[0]["checksum"]
     finally:
         database.remove()
+
+
+def _head(client) -> int:
+    """The newest version in the ledger (whoever wrote it)."""
+    return client.get("/v1/versions", params={"limit": 1}).json()[0]["number"]
 
 
 def _body(index: int, hparams: dict | None = None) -> dict:
