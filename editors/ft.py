@@ -18,16 +18,15 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .core.keys import pad_id_of, right_padded
+from .core.answers import answer_batch
 from .core.values import ProgressFn
 from .errors import UnknownHyperparameterError
 from .hparams import check_layers, layer_at
-from .model_spec import ModelSpec, detect_spec, edited_weight
+from .model_spec import ModelSpec, detect_spec, edited_weight, num_layers
 from .patch import Patch
 from .requests import EditRequest
 from .result import Diagnostics, EditResult
 from .stats import Statistics
-from .tokens import encode_answer, encode_prompt
 
 
 @dataclass(frozen=True)
@@ -69,24 +68,6 @@ class FTMHyperParams(FTHyperParams):
     objective: Literal["first_token", "all_tokens"] = "all_tokens"
 
 
-def _batch(
-    tok: PreTrainedTokenizerBase, requests: list[EditRequest], objective: str, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompt + target rows, and labels that score only the target tokens asked for."""
-    rows, labels = [], []
-    for request in requests:
-        prompt, answer = encode_prompt(tok, request.text), encode_answer(tok, request.target)
-        if objective == "first_token":
-            answer = answer[:1]
-        rows.append(prompt + answer)
-        labels.append([-100] * len(prompt) + answer)
-    ids, mask = right_padded(rows, pad_id_of(tok), device)
-    target = torch.full_like(ids, -100)
-    for i, row in enumerate(labels):
-        target[i, : len(row)] = torch.tensor(row, device=device)
-    return ids, mask, target
-
-
 def compute(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -101,11 +82,12 @@ def compute(
     """Fine-tune on all `requests` together; the model is restored exactly afterwards."""
     started = time.perf_counter()
     spec = detect_spec(model, spec)
-    layers = hparams.edited_layers(len(model.get_submodule(spec.layers)))
+    layers = hparams.edited_layers(num_layers(model, spec))
     weights = {layer: edited_weight(model, spec, layer) for layer in layers}
     originals = {layer: w.detach().clone() for layer, w in weights.items()}
     device = next(model.parameters()).device
-    ids, mask, target = _batch(tok, requests, hparams.objective, device)
+    batch = answer_batch(tok, requests, device, hparams.objective == "first_token")
+    ids, mask, target = batch.ids, batch.mask, batch.labels
     name = "ft-l" if hparams.objective == "first_token" else "ft-m"
     diagnostics = Diagnostics(method=name, layers=layers, prefixes=[""])
     optimiser = torch.optim.Adam(list(weights.values()), lr=hparams.lr)

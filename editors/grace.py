@@ -22,16 +22,15 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .codebook import Codebook
-from .core.keys import pad_id_of, right_padded
+from .core.answers import answer_batch
 from .core.values import ProgressFn
 from .errors import UnknownHyperparameterError
 from .hparams import check_layers, layer_at
-from .model_spec import ModelSpec, detect_spec
+from .model_spec import ModelSpec, detect_spec, num_layers
 from .patch import Patch
 from .requests import EditRequest
 from .result import Diagnostics, EditResult
 from .stats import Statistics
-from .tokens import encode_answer, encode_prompt
 
 
 @dataclass(frozen=True)
@@ -57,29 +56,6 @@ class GRACEHyperParams:
         return layers
 
 
-@dataclass(frozen=True)
-class _Batch:
-    ids: torch.Tensor  # [b, t] prompt + target, right-padded
-    mask: torch.Tensor
-    rows: torch.Tensor  # [m] (row, position) of every entry: position t predicts token t + 1
-    positions: torch.Tensor
-    request: torch.Tensor  # [m] which request each entry serves
-
-
-def _batch(tok: PreTrainedTokenizerBase, requests: list[EditRequest], device: torch.device):
-    sequences, rows, positions, owners = [], [], [], []
-    for i, request in enumerate(requests):
-        prompt, answer = encode_prompt(tok, request.text), encode_answer(tok, request.target)
-        sequences.append(prompt + answer)
-        for t in range(len(prompt) - 1, len(prompt) + len(answer) - 1):
-            rows.append(i)
-            positions.append(t)
-            owners.append(i)
-    ids, mask = right_padded(sequences, pad_id_of(tok), device)
-    as_tensor = lambda v: torch.tensor(v, device=device)  # noqa: E731
-    return _Batch(ids, mask, as_tensor(rows), as_tensor(positions), as_tensor(owners))
-
-
 def compute(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -95,11 +71,12 @@ def compute(
     del stats, prefixes  # GRACE needs neither statistics nor context prefixes
     started = time.perf_counter()
     spec = detect_spec(model, spec)
-    layer = hparams.edited_layers(len(model.get_submodule(spec.layers)))[0]
+    layer = hparams.edited_layers(num_layers(model, spec))[0]
     path = spec.mlp_out_path(layer)
     module = model.get_submodule(path)
     device = next(model.parameters()).device
-    batch = _batch(tok, requests, device)
+    batch = answer_batch(tok, requests, device)
+    rows, positions = batch.predicting()  # one entry each; its request is its row
     diagnostics = Diagnostics(method="grace", layers=[layer])
 
     seen: dict[str, torch.Tensor] = {}
@@ -113,30 +90,26 @@ def compute(
             model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
     finally:
         handle.remove()
-    keys = seen["input"][batch.rows, batch.positions].float()
-    start = seen["output"][batch.rows, batch.positions].float()
+    keys = seen["input"][rows, positions].float()
+    start = seen["output"][rows, positions].float()
     scale = float(start.norm(dim=1).mean().clamp_min(1e-6))
     values = start.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([values], lr=hparams.lr * scale / start.shape[1] ** 0.5)
 
     def replace(_m: torch.nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
         output = output.clone()
-        output[batch.rows, batch.positions] = values.to(output.dtype)
+        output[rows, positions] = values.to(output.dtype)
         return output
 
-    targets = batch.ids[batch.rows, batch.positions + 1]
+    targets = batch.labels[rows, positions + 1]
     handle = module.register_forward_hook(replace)
     try:
         for step in range(hparams.steps):
             logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
-            token_nll = F.cross_entropy(
-                logits[batch.rows, batch.positions].float(), targets, reduction="none"
-            )
+            token_nll = F.cross_entropy(logits[rows, positions].float(), targets, reduction="none")
             per_request = (
-                torch.zeros(len(requests), device=device).index_add(
-                    0, batch.request, token_nll.detach()
-                )
-                / torch.bincount(batch.request, minlength=len(requests)).float()
+                torch.zeros(len(requests), device=device).index_add(0, rows, token_nll.detach())
+                / torch.bincount(rows, minlength=len(requests)).float()
             )
             if step == 0:
                 diagnostics.prob_before = torch.exp(-per_request).tolist()

@@ -97,29 +97,34 @@ def compute(
     diagnostics.steps, diagnostics.losses = targets.steps, targets.losses
     diagnostics.prob_before, diagnostics.prob_after = targets.prob_before, targets.prob_after
 
+    earlier: dict[int, torch.Tensor | None] = {}  # K_p K_p^T per layer, the same every sweep
+    neurons: dict[str, list[int]] = diagnostics.extra.setdefault("neurons", {})  # per sweep
+
     def solve(layer: int, keys: torch.Tensor, change: torch.Tensor) -> Factors:
         chosen = neurons_carrying(keys, hparams.neuron_share)
-        earlier = earlier_keys(history, layer)
+        if layer not in earlier:
+            earlier[layer] = earlier_keys(history, layer)
+        protected = earlier[layer]
         a, b_chosen = least_squares_update(
             stats.second_moment(layer)[chosen][:, chosen].to(keys.device),
             keys[chosen],
             change,
             hparams.mom2_update_weight,
-            None if earlier is None else earlier[chosen][:, chosen].to(keys.device),
+            None if protected is None else protected[chosen][:, chosen].to(keys.device),
         )
-        b = torch.zeros((keys.shape[0], b_chosen.shape[1]), dtype=b_chosen.dtype)
-        b[chosen] = b_chosen.cpu()
-        diagnostics.extra.setdefault("neurons", {})[str(layer)] = len(chosen)
-        return a, b.to(keys.device)
+        b = b_chosen.new_zeros((keys.shape[0], b_chosen.shape[1]))
+        b[chosen] = b_chosen
+        neurons.setdefault(str(layer), []).append(len(chosen))
+        return a, b
 
     t1 = time.perf_counter()
     patch = Patch("nse", {}, {"layers": ",".join(map(str, layers))})
     applied: list[AppliedPatch] = []
     try:
-        start_gap = (z - residual_at_subject(model, tok, spec, requests, top)).norm(dim=1)
-        sweeps = 0
+        start_gap: torch.Tensor | None = None
         for sweep in range(hparams.iterations):
             gap = (z - residual_at_subject(model, tok, spec, requests, top)).norm(dim=1)
+            start_gap = gap if start_gap is None else start_gap
             open_ = torch.nonzero(gap > hparams.tolerance * start_gap).squeeze(1).tolist()
             if not open_:
                 break
@@ -141,8 +146,7 @@ def compute(
             )
             applied.append(apply_patch(model, part))
             patch = patch.merged(part)
-            sweeps += 1
-        diagnostics.extra["sweeps"] = sweeps
+        diagnostics.extra["sweeps"] = len(applied)
         keys = compute_keys(model, tok, spec, requests, prefixes, layers)
         patch.keys = {layer: keys[layer].mean.T.float().contiguous() for layer in layers}
     finally:

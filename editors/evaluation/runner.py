@@ -61,7 +61,6 @@ class Evaluation:
         self._reference: list[list[list[int]]] = []
         self._base: list[CaseMetrics] = []
         self._after: dict[int, CaseMetrics] = {}
-        self._errors: dict[int, str] = {}
         self._applied: list[AppliedPatch] = []
         self._history: list[Patch] = []  # patches in effect, oldest first (sequential)
         self._fluency_prompts = [requests_of(c)[0].text for c in self.cases[: plan.fluency_prompts]]
@@ -188,7 +187,6 @@ class Evaluation:
             )
         except EditError as exc:
             for i in group:
-                self._errors[i] = str(exc)
                 case_id = _case_id(self.cases[i], i)
                 self._emit(
                     EvaluationRow("case", self.edits_done, {}, self._base[i], case_id, str(exc))
