@@ -33,30 +33,30 @@ from .stats import Statistics
 
 @dataclass(frozen=True)
 class AlphaEditHyperParams(SpreadHyperParams):
-    nullspace_threshold: float = 1e-2  # eigenvalues of C below this x the largest span P
+    nullspace_energy: float = 1e-2  # P spans C's weakest directions holding this share of it
     l2: float = 1.0  # ridge term, in units of C's mean eigenvalue (a key's energy per dim)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.nullspace_threshold < 1:
+        if not 0 < self.nullspace_energy < 1:
             raise UnknownHyperparameterError(
-                "nullspace_threshold must lie in (0, 1)", field="nullspace_threshold"
+                "nullspace_energy must lie in (0, 1)", field="nullspace_energy"
             )
         if self.l2 <= 0:
             raise UnknownHyperparameterError("l2 must be positive", field="l2")
 
 
-# P per (statistics object, layer, threshold): an eigendecomposition of d_in x d_in, reused
+# P per (statistics object, layer, energy): an eigendecomposition of d_in x d_in, reused
 _projections: weakref.WeakKeyDictionary[object, dict[tuple[int, float], torch.Tensor]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def projection(stats: Statistics, layer: int, threshold: float) -> torch.Tensor:
+def projection(stats: Statistics, layer: int, energy: float) -> torch.Tensor:
     memo = _projections.setdefault(stats, {})
-    if (layer, threshold) not in memo:
-        memo[(layer, threshold)] = null_space_projection(stats.second_moment(layer), threshold)
-    return memo[(layer, threshold)]
+    if (layer, energy) not in memo:
+        memo[(layer, energy)] = null_space_projection(stats.second_moment(layer), energy)
+    return memo[(layer, energy)]
 
 
 def compute(
@@ -75,7 +75,7 @@ def compute(
     keys the update leaves alone)."""
 
     def solve(layer: int, keys: torch.Tensor, change: torch.Tensor) -> Factors:
-        p = projection(stats, layer, hparams.nullspace_threshold).to(keys.device)
+        p = projection(stats, layer, hparams.nullspace_energy).to(keys.device)
         earlier = earlier_keys(history, layer)
         scale = float(torch.trace(stats.second_moment(layer).double())) / keys.shape[0]
         return null_space_update(

@@ -32,6 +32,22 @@ def test_the_update_lies_in_the_null_space_of_the_preserved_keys():
     assert torch.linalg.norm(delta @ preserved) < 1e-9 * torch.linalg.norm(delta)
 
 
+def test_the_null_space_holds_at_most_its_share_of_the_preserved_energy():
+    # a spectrum like a real MLP's: one outlier direction hundreds of times the mean
+    g = torch.Generator().manual_seed(2)
+    basis = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))[0]
+    spectrum = torch.logspace(-4, 0, 64, dtype=torch.float64)
+    spectrum[-1] = 500.0
+    c = basis @ torch.diag(spectrum) @ basis.T
+    for energy in (1e-3, 1e-2, 1e-1):
+        p = null_space_projection(c, energy)
+        held = float(torch.trace(p @ c) / torch.trace(c))
+        assert 0 < held <= energy
+        # one more direction would break the budget: P is the widest that keeps it
+        widest = round(float(torch.trace(p)))
+        assert float(spectrum.sort().values[: widest + 1].sum() / spectrum.sum()) > energy
+
+
 def test_earlier_keys_are_left_almost_alone():
     g = torch.Generator().manual_seed(1)
     p = torch.eye(32, dtype=torch.float64)  # no preserved keys: only the history protects
@@ -72,7 +88,7 @@ def test_the_patch_carries_its_keys_and_the_history_changes_the_next_edit(editor
 
 def test_bad_alphaedit_hyperparameters_are_named():
     for overrides, field in (
-        ({"nullspace_threshold": 2.0}, "nullspace_threshold"),
+        ({"nullspace_energy": 2.0}, "nullspace_energy"),
         ({"l2": 0}, "l2"),
     ):
         with pytest.raises(UnknownHyperparameterError) as err:

@@ -138,6 +138,15 @@ def test_eval_writes_json_csv_and_report(tiny_model_dir, corpus_file, tmp_path, 
     assert (out / "results.csv").read_text().startswith("kind,edits_done,case_id,error,")
     assert "<svg" in (out / "report.html").read_text()
     assert "sequential rome on 4 cases" in captured.err  # the progress bar
+    streamed = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert streamed == saved["rows"]  # every row was written as it was measured
+    assert [r["kind"] for r in streamed if r["kind"] != "case"] == [
+        "baseline",
+        "checkpoint",
+        "final",
+    ]
+    line = next(t for t in captured.err.splitlines() if t.startswith("checkpoint after 2 edits: "))
+    assert "efficacy" in line and "perplexity" in line
 
 
 def test_eval_names_the_bad_record(tmp_path, capsys):

@@ -11,7 +11,7 @@ least_squares (MEMIT): A = R,  B = (lam C + K K^T)^-1 K
     NSE solves the same system restricted to the selected neurons S (rows of B outside S
     are zero), with the earlier edits' keys added to lam C.
 null_space (AlphaEdit): D = D' P with P the projection on the null space of C, so the
-    preserved keys' outputs cannot change at all; see `null_space_update`.
+    preserved keys' outputs (almost) cannot change; see `null_space_update`.
 """
 
 from __future__ import annotations
@@ -58,12 +58,17 @@ def neurons_carrying(keys: torch.Tensor, share: float) -> torch.Tensor:
     return torch.sort(order[: min(count, len(order))]).values
 
 
-def null_space_projection(second_moment: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P = U0 U0^T over the eigenvectors of C whose eigenvalue is below `threshold` times the
-    largest: the directions the preserved keys (almost) never take, where an update can go
-    without changing the outputs of those keys (AlphaEdit)."""
-    values, vectors = torch.linalg.eigh(second_moment.double())
-    free = vectors[:, values < threshold * values.max()]
+def null_space_projection(second_moment: torch.Tensor, energy: float) -> torch.Tensor:
+    """P = U0 U0^T over the eigenvectors of C with the smallest eigenvalues that together hold
+    at most `energy` of its trace: the directions the preserved keys (almost) never take,
+    where an update can go without changing their outputs (AlphaEdit).
+
+    The budget is a share of the keys' energy, not a fraction of the largest eigenvalue: a
+    few outlier activations make the largest eigenvalue hundreds of times the mean, and a
+    threshold relative to it would count directions holding a third of the energy as null."""
+    values, vectors = torch.linalg.eigh(second_moment.double())  # ascending
+    held = torch.cumsum(values.clamp(min=0), 0) / values.clamp(min=0).sum()
+    free = vectors[:, held <= energy]
     return free @ free.T
 
 

@@ -9,9 +9,13 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TextIO
+
+from tqdm import tqdm
 
 from editors.datasets import DatasetError, read_records
 from editors.errors import EditError
+from editors.evaluation.plan import EvaluationRow
 from editors.hparams import parse_overrides
 
 from .sources import BENCHMARKS, UPLOAD_FORMATS, benchmark_cases, uploaded_cases
@@ -104,16 +108,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return 2
     stop = threading.Event()  # Ctrl-C or SIGTERM: finish the current edit, keep the results
     handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
+    out.mkdir(parents=True, exist_ok=True)
     try:
-        with progress_bar(f"{plan.protocol} {plan.method} on {len(cases)} cases") as bar:
+        with (
+            progress_bar(f"{plan.protocol} {plan.method} on {len(cases)} cases") as bar,
+            (out / "rows.jsonl").open("w", encoding="utf-8") as stream,
+        ):
             summary, rows = run_evaluation(
-                editor, cases, plan, progress=bar, should_stop=stop.is_set
+                editor,
+                cases,
+                plan,
+                record=lambda row: _stream_row(stream, row),
+                progress=bar,
+                should_stop=stop.is_set,
             )
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     summary.update(model=args.model, source=source)
-    out.mkdir(parents=True, exist_ok=True)
     result = {"summary": summary, "rows": [r.to_dict() for r in rows]}
     (out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     (out / "results.csv").write_text(to_csv(rows), encoding="utf-8")
@@ -121,3 +133,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}/results.json, results.csv and report.html", file=sys.stderr)
     return 0 if summary["completed"] else 1
+
+
+def _stream_row(stream: TextIO, row: EvaluationRow) -> None:
+    """Each row as it is measured, to `rows.jsonl` (a long run can be followed, and what it
+    measured survives a crash); aggregate rows also as one line on the terminal."""
+    stream.write(json.dumps(row.to_dict()) + "\n")
+    stream.flush()
+    if row.kind != "case":
+        shown = ", ".join(
+            f"{name} {value:.3g}" for name, value in row.metrics.items() if value is not None
+        )
+        tqdm.write(f"{row.kind} after {row.edits_done} edits: {shown}", file=sys.stderr)
