@@ -2,6 +2,9 @@
 of each metric at every checkpoint and an SVG plot of the curves.
 
     python bench/compare_runs.py RUN_A/results.json RUN_B/results.json --svg docs/plot.svg
+
+A run's `rows.jsonl` (streamed while it runs) works too, for a run still going or cut off:
+it is labelled by its folder's name.
 """
 
 from __future__ import annotations
@@ -34,7 +37,17 @@ def curve(run: dict[str, Any]) -> list[dict[str, Any]]:
     return points
 
 
+def load(path: Path) -> dict[str, Any]:
+    """A finished run's results.json, or the rows a run has streamed so far."""
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return {"rows": rows, "name": path.parent.name}
+    return json.loads(path.read_text())
+
+
 def label(run: dict[str, Any]) -> str:
+    if "summary" not in run:
+        return run["name"]
     plan = run["summary"]["plan"]
     size = plan.get("batch_size") or 1
     return f"{plan['method']} ({plan['protocol']}, batches of {size})"
@@ -82,7 +95,7 @@ def main() -> None:
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--svg", type=Path, help="write the plot here")
     args = parser.parse_args()
-    runs = [json.loads(p.read_text()) for p in args.results]
+    runs = [load(p) for p in args.results]
     print(table(runs))
     if args.svg:
         plot(runs, args.svg)
