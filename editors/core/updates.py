@@ -67,7 +67,8 @@ def null_space_projection(second_moment: torch.Tensor, energy: float) -> torch.T
     few outlier activations make the largest eigenvalue hundreds of times the mean, and a
     threshold relative to it would count directions holding a third of the energy as null."""
     values, vectors = torch.linalg.eigh(second_moment.double())  # ascending
-    held = torch.cumsum(values.clamp(min=0), 0) / values.clamp(min=0).sum()
+    values = values.clamp(min=0)  # round-off can leave tiny negative eigenvalues
+    held = torch.cumsum(values, 0) / values.sum()
     free = vectors[:, held <= energy]
     return free @ free.T
 
