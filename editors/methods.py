@@ -47,11 +47,7 @@ _LLAMA_MEMIT = {
     "steps": 30,
 }
 # The sequential methods: 200 sequential train edits in batches of 10 (see the README).
-_LLAMA_ALPHAEDIT = {
-    **{k: v for k, v in _LLAMA_MEMIT.items() if k != "mom2_update_weight"},
-    "nullspace_energy": 0.1,
-    "l2": 10.0,
-}
+_LLAMA_ALPHAEDIT = {k: v for k, v in _LLAMA_MEMIT.items() if k != "mom2_update_weight"}
 _LLAMA_NSE = {**_LLAMA_MEMIT, "mom2_update_weight": 15000.0}
 
 METHODS: dict[str, Method] = {

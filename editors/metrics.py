@@ -214,24 +214,26 @@ def multi_hop_accuracy(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     questions: list[list[str]],
-    answers: list[list[str]],
-) -> list[float]:
-    """MQuAKE: per case, 1.0 when the greedy (teacher-forced) answer to any of its
-    questions is exactly one of its accepted answers, else 0.0; one batched pass."""
+    *answer_sets: list[list[str]],
+) -> list[list[float]]:
+    """MQuAKE: for each answer set and each case, 1.0 when the greedy (teacher-forced)
+    answer to any of the case's questions is exactly one of the set's accepted answers for
+    it, else 0.0. Every set is scored in one batched pass (e.g. the new and the old answers)."""
     pairs: list[Pair] = []
-    owner: list[int] = []
-    for case, (asked, accepted) in enumerate(zip(questions, answers, strict=True)):
-        for question in asked:
-            for answer in accepted:
-                pairs.append((question, answer))
-                owner.append(case)
-    hits = [0.0] * len(questions)
+    owner: list[tuple[int, int]] = []  # (answer set, case) of each pair
+    for which, answers in enumerate(answer_sets):
+        for case, (asked, accepted) in enumerate(zip(questions, answers, strict=True)):
+            for question in asked:
+                for answer in accepted:
+                    pairs.append((question, answer))
+                    owner.append((which, case))
+    hits = [[0.0] * len(questions) for _ in answer_sets]
     if not pairs:
         return hits
     s = score_pairs(model, tok, pairs)
-    for index, case in enumerate(owner):
+    for index, (which, case) in enumerate(owner):
         if s.predicted[index] == s.answers[index]:
-            hits[case] = 1.0
+            hits[which][case] = 1.0
     return hits
 
 

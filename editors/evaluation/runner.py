@@ -71,33 +71,26 @@ class Evaluation:
         """Per-case metrics of the model as it is now, all cases in one batched pass."""
         flat: list[EditRequest] = []
         reference: list[list[list[int]]] = []
-        owner: list[int] = []
+        spans: list[tuple[int, int]] = []  # each case's requests: flat[start:end]
         for i in indices:
+            start = len(flat)
             for k, request in enumerate(requests_of(self.cases[i])):
                 flat.append(request)
                 reference.append(self._reference[i][k] if self._reference else [])
-                owner.append(i)
+            spans.append((start, len(flat)))
         per_request = evaluate_cases(
             self.model, self.tok, flat, reference if self._reference else None
         )
-        per_case = [
-            mean_metrics([m for m, o in zip(per_request, owner, strict=True) if o == i])
-            for i in indices
-        ]
+        per_case = [mean_metrics(per_request[start:end]) for start, end in spans]
         hops = [i for i in indices if isinstance(self.cases[i], MultiHopCase)]
         if hops:
             multi = [self.cases[i] for i in hops]
             questions = [list(c.questions) for c in multi]  # type: ignore[union-attr]
-            new = multi_hop_accuracy(
+            new, old = multi_hop_accuracy(
                 self.model,
                 self.tok,
                 questions,
                 [[c.new_answer, *c.new_answer_aliases] for c in multi],  # type: ignore[union-attr]
-            )
-            old = multi_hop_accuracy(
-                self.model,
-                self.tok,
-                questions,
                 [[c.answer] for c in multi],  # type: ignore[union-attr]
             )
             position = {i: k for k, i in enumerate(indices)}
