@@ -27,7 +27,9 @@ PANELS = (
 def curve(run: dict[str, Any]) -> list[dict[str, Any]]:
     """(edits applied, metrics) at the start (unedited), each checkpoint and the end."""
     rows = run["rows"]
-    baseline = next(r for r in rows if r["kind"] == "baseline")
+    baseline = next((r for r in rows if r["kind"] == "baseline"), None)
+    if baseline is None:
+        raise SystemExit(f"{label(run)}: no baseline row yet (the run is still scoring it)")
     points = [{"edits": 0, **baseline["metrics"]}]
     points += [
         {"edits": r["edits_done"], **r["metrics"]}

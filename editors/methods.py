@@ -46,9 +46,10 @@ _LLAMA_MEMIT = {
     "stop_nll": 0.02,
     "steps": 30,
 }
-# The sequential methods: 200 sequential train edits in batches of 10 (see the README).
-# A smaller target change per edit (clamp_norm_factor) is what slowed the perplexity rise;
-# the settings of the preserved-keys terms barely moved it.
+# The sequential methods: sequential train edits in batches of 10 (see the README). Beyond
+# AlphaEdit's null-space settings (its dataclass defaults), a smaller target change per edit
+# (clamp_norm_factor) is what slowed the perplexity rise; NSE's mom2_update_weight barely
+# moved it.
 _LLAMA_ALPHAEDIT = {
     **{k: v for k, v in _LLAMA_MEMIT.items() if k != "mom2_update_weight"},
     "clamp_norm_factor": 0.5,

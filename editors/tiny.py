@@ -173,14 +173,23 @@ def train_fact_model(
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    for step in range(steps):
-        batch = torch.randperm(len(rows), generator=generator)[:64]
-        loss = model(input_ids=ids[batch], attention_mask=mask[batch], labels=labels[batch]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if progress and step % 20 == 0:
-            progress(step / steps, f"train fact model (loss {loss.item():.3f})")
+    threads = torch.get_num_threads()
+    # One thread: summation order changes with the thread count, and over 600 steps that
+    # gives a differently trained model, so the same seed would not mean the same model.
+    torch.set_num_threads(1)
+    try:
+        for step in range(steps):
+            batch = torch.randperm(len(rows), generator=generator)[:64]
+            loss = model(
+                input_ids=ids[batch], attention_mask=mask[batch], labels=labels[batch]
+            ).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if progress and step % 20 == 0:
+                progress(step / steps, f"train fact model (loss {loss.item():.3f})")
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     model.requires_grad_(False)
     return model, tok

@@ -50,8 +50,7 @@ def test_edit_raises_the_target_and_keeps_other_facts(fact_editor, fact_facts, m
         raised = [b - a for a, b in zip(after, before, strict=True)]
         assert min(raised) > 1.6 and sum(raised) / len(raised) > 2.3, (before, after)
         kept = _accuracy(model, tok, [(f["prompt"], f["ground_truth"]) for f in others])
-        # three strong edits on a 4-layer memoriser cost a few facts (how many varies with
-        # the trained weights, which differ with the CPU thread count: 82 % seen on one thread)
+        # three strong edits on a 4-layer memoriser cost a few facts
         assert kept >= 0.8
     finally:
         revert_patch(model, applied)
