@@ -2,11 +2,12 @@
 
 MEMIT's targets and layer spreading (core/spread.py), with each layer's update projected on
 the null space of the preserved keys' second moment C:
-  D = R K^T P (K_p K_p^T P + K K^T P + l2 I)^-1,   P = projection on {v : C v ~ 0}
+  D = R K^T P (w K_p K_p^T P + K K^T P + l2 I)^-1,   P = projection on {v : C v ~ 0}
 so the outputs at preserved keys cannot move (D k0 = 0), and the keys of earlier edits K_p
 (read from the patches already applied: the method's state is the edit history, so a
 rollback restores it with the weights) are kept almost unchanged. That is what lets it take
-thousands of sequential edits where MEMIT degrades.
+thousands of sequential edits where MEMIT degrades. The history weight w (1 in the paper)
+sets how firmly those earlier keys are held.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .core.spread import Factors, spread_edit
 from .core.updates import null_space_projection, null_space_update
 from .core.values import ProgressFn
 from .errors import UnknownHyperparameterError
-from .hparams import SpreadHyperParams
+from .hparams import SequentialHyperParams
 from .model_spec import ModelSpec
 from .patch import Patch
 from .requests import EditRequest
@@ -32,7 +33,7 @@ from .stats import Statistics
 
 
 @dataclass(frozen=True)
-class AlphaEditHyperParams(SpreadHyperParams):
+class AlphaEditHyperParams(SequentialHyperParams):
     # Both are scale-free, so the values tuned on SmolLM2 (the one real model we can load
     # here) are every family's defaults; a null space holding 1 % of C filled up with the
     # history's keys and collapsed before 200 sequential edits (see the README).
@@ -79,7 +80,7 @@ def compute(
 
     def solve(layer: int, keys: torch.Tensor, change: torch.Tensor) -> Factors:
         p = projection(stats, layer, hparams.nullspace_energy).to(keys.device)
-        earlier = earlier_keys(history, layer)
+        earlier = earlier_keys(history, layer, hparams.history_weight)
         scale = float(torch.trace(stats.second_moment(layer).double())) / keys.shape[0]
         return null_space_update(
             p,

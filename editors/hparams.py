@@ -144,3 +144,19 @@ class SpreadHyperParams(LocateEditHyperParams):
             layers = list(range(max(0, last - self.span + 1), last + 1))
         check_layers(layers, n_layers)
         return layers
+
+
+@dataclasses.dataclass(frozen=True)
+class SequentialHyperParams(SpreadHyperParams):
+    """Spread methods that protect the keys of earlier edits (AlphaEdit, NSE)."""
+
+    # w in (... + w K_p K_p^T + ...): how much one earlier edit's key counts against a new
+    # key in the update's system; 1 is the papers' choice, larger keeps old edits firmer
+    history_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.history_weight < 0:
+            raise UnknownHyperparameterError(
+                "history_weight must not be negative", field="history_weight"
+            )

@@ -5,8 +5,9 @@ Three changes to MEMIT's recipe, each against a failure of long edit sequences:
                       edit (the history taken back), so targets do not drift with the edits;
                       the residual each layer carries is still measured on the current model.
   neuron selection    at each layer only the MLP neurons S that carry `neuron_share` of the
-                      keys' |activation| change:  D[:, S] = R K_S^T (lam C_SS + K_p,S K_p,S^T
-                      + K_S K_S^T)^-1, with K_p the keys of earlier edits (from the history);
+                      keys' |activation| change:  D[:, S] = R K_S^T (lam C_SS + w K_p,S K_p,S^T
+                      + K_S K_S^T)^-1, with K_p the keys of earlier edits (from the history)
+                      and w their weight (1 in the paper);
                       the other columns of W stay as they were.
   iterative editing   the layer sweep is repeated for the requests whose top-layer output is
                       still far from z (|z - h| > tolerance |z - h_start|), with neurons
@@ -29,7 +30,7 @@ from .core.spread import Factors, spread_over_layers
 from .core.updates import least_squares_update, neurons_carrying
 from .core.values import ProgressFn, optimise_residual_targets
 from .errors import UnknownHyperparameterError
-from .hparams import SpreadHyperParams
+from .hparams import SequentialHyperParams
 from .model_spec import ModelSpec
 from .patch import AppliedPatch, Patch, apply_patch, revert_patch
 from .requests import EditRequest
@@ -38,7 +39,7 @@ from .stats import Statistics
 
 
 @dataclass(frozen=True)
-class NSEHyperParams(SpreadHyperParams):
+class NSEHyperParams(SequentialHyperParams):
     mom2_update_weight: float = 1000.0  # lam, as MEMIT's
     neuron_share: float = 0.8  # the selected neurons carry this share of |activation|
     iterations: int = 3  # most layer sweeps per edit
@@ -103,7 +104,7 @@ def compute(
     def solve(layer: int, keys: torch.Tensor, change: torch.Tensor) -> Factors:
         chosen = neurons_carrying(keys, hparams.neuron_share)
         if layer not in earlier:
-            earlier[layer] = earlier_keys(history, layer)
+            earlier[layer] = earlier_keys(history, layer, hparams.history_weight)
         protected = earlier[layer]
         a, b_chosen = least_squares_update(
             stats.second_moment(layer)[chosen][:, chosen].to(keys.device),

@@ -86,10 +86,32 @@ def test_the_patch_carries_its_keys_and_the_history_changes_the_next_edit(editor
     assert moved_after < 0.8 * moved_alone
 
 
+@pytest.mark.parametrize("method", ["alphaedit", "nse"])
+def test_a_heavier_history_weight_moves_the_earlier_key_less(editor, method):
+    # NSE's lam C would protect the key on its own here: keep it weak to see the history's
+    options = {**FAST, "mom2_update_weight": 1.0} if method == "nse" else FAST
+    first = editor.compute([FIRST], method, options)
+    applied = apply_patch(editor.model, first.patch)
+    try:
+        moved = []
+        for weight in (1.0, 50.0):
+            after = editor.compute(
+                [SECOND], method, {**options, "history_weight": weight}, history=[first.patch]
+            )
+            for layer in (1, 2):
+                delta = after.patch.deltas[editor.spec.weight_name(layer)].dense().double()
+                moved.append(torch.linalg.norm(delta @ first.patch.keys[layer].double()))
+    finally:
+        revert_patch(editor.model, applied)
+    light, heavy = moved[:2], moved[2:]
+    assert all(h < 0.8 * w for h, w in zip(heavy, light, strict=True)), (light, heavy)
+
+
 def test_bad_alphaedit_hyperparameters_are_named():
     for overrides, field in (
         ({"nullspace_energy": 2.0}, "nullspace_energy"),
         ({"l2": 0}, "l2"),
+        ({"history_weight": -1.0}, "history_weight"),
     ):
         with pytest.raises(UnknownHyperparameterError) as err:
             AlphaEditHyperParams(**overrides)

@@ -12,13 +12,13 @@ from transformers import PreTrainedModel
 from ..patch import Patch, apply_patch, dense_of, revert_patch
 
 
-def earlier_keys(history: Sequence[Patch], layer: int) -> torch.Tensor | None:
-    """K_p K_p^T at `layer`: the keys every applied patch in `history` wrote there."""
+def earlier_keys(history: Sequence[Patch], layer: int, weight: float = 1.0) -> torch.Tensor | None:
+    """w K_p K_p^T at `layer`: the keys every applied patch in `history` wrote there."""
     blocks = [p.keys[layer].double() for p in history if layer in p.keys]
-    if not blocks:
+    if not blocks or weight == 0:
         return None
     keys = torch.cat(blocks, 1)
-    return keys @ keys.T
+    return weight * (keys @ keys.T)
 
 
 @contextmanager
