@@ -44,6 +44,7 @@ class NSEHyperParams(SequentialHyperParams):
     neuron_share: float = 0.8  # the selected neurons carry this share of |activation|
     iterations: int = 3  # most layer sweeps per edit
     tolerance: float = 0.1  # a request is done when |z - h| <= tolerance * |z - h_start|
+    rewind: bool = True  # optimise the targets on the weights before the history (the paper)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,7 +90,7 @@ def compute(
         return at
 
     t0 = time.perf_counter()
-    with rewound(model, history):
+    with rewound(model, history if hparams.rewind else ()):
         targets = optimise_residual_targets(
             model, tok, spec, requests, prefixes, top, hparams.value_options, report(0.0, 0.6)
         )

@@ -59,6 +59,9 @@ def test_targets_come_from_the_rewound_weights_and_earlier_keys_are_protected(ed
         with rewound(editor.model, [first.patch]):
             rewound_weights = weights_snapshot(editor.model)
         after = editor.compute([SECOND], "nse", FAST, history=[first.patch])
+        unrewound = editor.compute(
+            [SECOND], "nse", {**FAST, "rewind": False}, history=[first.patch]
+        )
     finally:
         revert_patch(editor.model, applied)
     assert_same_weights(editor.model, snapshot)
@@ -66,6 +69,8 @@ def test_targets_come_from_the_rewound_weights_and_earlier_keys_are_protected(ed
         assert torch.allclose(value, snapshot[name], atol=1e-6), name
     # the target loss is optimised on the rewound (= unedited) weights: same curve as alone
     assert after.diagnostics.losses == pytest.approx(on_base.diagnostics.losses, rel=1e-4)
+    # without rewinding they are optimised on the edited weights: another start
+    assert unrewound.diagnostics.losses[0] != pytest.approx(on_base.diagnostics.losses[0])
     key = first.patch.keys[2].double()
     name = editor.spec.weight_name(2)
     moved_alone = torch.linalg.norm(on_base.patch.deltas[name].dense().double() @ key)
