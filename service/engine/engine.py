@@ -40,7 +40,7 @@ from .generation import GenerationOutput, GenerationRequest, generate_batch
 from .guard import EditGuard, GuardLimits, GuardReport
 from .lane import ModelLane
 from .progress import JobProgress
-from .weights import WeightState
+from .weights import WeightSnapshot, WeightState
 
 log = logging.getLogger(__name__)
 
@@ -262,14 +262,17 @@ class Engine:
         finish_job: bool,
         applied_edits: tuple[str, ...] | list[str] = (),
         diagnostics: dict[str, dict[str, Any]] | None = None,
+        applied_from: WeightSnapshot | None = None,
     ) -> Version:
-        """Apply `patch`, record the version; on any failure the weights go back."""
+        """Apply `patch`, record the version; on any failure the weights go back. With
+        `applied_from` the patch is already applied (by the guard) on top of that snapshot."""
         weights = self._weights()
-        undo = weights.snapshot()
+        undo = applied_from if applied_from is not None else weights.snapshot()
         try:
             sha = None
             if patch is not None:
-                weights.apply(patch)
+                if applied_from is None:
+                    weights.apply(patch)
                 sha = self.blobs.put(patch.to_bytes())
                 self._patches[sha] = patch
             new = dataclasses.replace(new, checksum=weights.checksum(), patch_sha256=sha)
@@ -428,14 +431,22 @@ class Engine:
             parent = self.version
             result = self._compute(records, method, overrides, progress)
             per_edit = _diagnostics_per_edit(result, [e.id for e in edits])
+            applied_from = None
             if self.guard is not None:
                 progress(1.0, "guard: measuring the edit's effect")
-                report = self.guard.check(result.patch, self._weights(), self.checksum)
+                report, applied_from = self.guard.check(
+                    result.patch, self._weights(), self.checksum
+                )
                 if not report.passed:
                     raise GuardRejectedError(report)
                 for diagnostics in per_edit.values():
                     diagnostics["guard"] = report.to_dict()
-            progress(1.0, "recording the version")
+            try:
+                progress(1.0, "recording the version")
+            except BaseException:  # a cancel here: the guard's applied patch goes back
+                if applied_from is not None:
+                    self._weights().reset_to(applied_from)
+                raise
             return self._commit(
                 NewVersion(
                     kind=VersionKind.edit,
@@ -450,6 +461,7 @@ class Engine:
                 finish_job=True,
                 applied_edits=[e.id for e in edits],
                 diagnostics=per_edit,
+                applied_from=applied_from,
             )
 
         self.lane.call(on_lane)

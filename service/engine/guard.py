@@ -22,7 +22,7 @@ from editors.evaluation.probe import PROBE_TEXT
 from editors.metrics import fluency, perplexity, score_pairs
 from editors.patch import Patch, dense_of
 
-from .weights import WeightState
+from .weights import WeightSnapshot, WeightState
 
 # General facts no benchmark edit is about: their answers should survive any single edit.
 CANARIES: tuple[tuple[str, str], ...] = (
@@ -85,8 +85,12 @@ class EditGuard:
             fluency(self.model, self.tok, list(FLUENCY_PROMPTS), max_new_tokens=16),
         )
 
-    def check(self, patch: Patch, weights: WeightState, checksum: str) -> GuardReport:
-        """Measure `patch` on top of the current weights (`checksum`), then put them back."""
+    def check(
+        self, patch: Patch, weights: WeightState, checksum: str
+    ) -> tuple[GuardReport, WeightSnapshot | None]:
+        """Apply `patch` on top of the current weights (`checksum`) and measure it. A patch
+        that passes stays applied, returned with the snapshot that takes it back (so the
+        commit need not apply it a second time); one that fails is taken back here."""
         started = time.perf_counter()
         if self._before is None or self._before[0] != checksum:
             self._before = (checksum, self._health())
@@ -103,8 +107,9 @@ class EditGuard:
         try:
             weights.apply(patch)
             after = self._health()
-        finally:
+        except BaseException:
             weights.reset_to(undo)
+            raise
         changed = sum(
             a != b
             for new, old in zip(after.canary_tokens, before.canary_tokens, strict=True)
@@ -134,7 +139,10 @@ class EditGuard:
             )
             if figures[name] > limit
         ]
+        if reasons:
+            weights.reset_to(undo)
         seconds = time.perf_counter() - started
-        return GuardReport(
+        report = GuardReport(
             not reasons, {k: round(v, 4) for k, v in figures.items()}, reasons, seconds
         )
+        return report, None if reasons else undo
