@@ -79,33 +79,29 @@ def compute(
     rows, positions = batch.predicting()  # one entry each; its request is its row
     diagnostics = Diagnostics(method="grace", layers=[layer])
 
+    # The first forward both reads the keys and starting outputs and (with the values still
+    # equal to those outputs) gives the first loss: no separate read-only pass.
     seen: dict[str, torch.Tensor] = {}
 
-    def record(_m: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        seen["input"], seen["output"] = args[0].detach(), output.detach()
-
-    handle = module.register_forward_hook(record)
-    try:
-        with torch.no_grad():
-            model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)
-    finally:
-        handle.remove()
-    keys = seen["input"][rows, positions].float()
-    start = seen["output"][rows, positions].float()
-    scale = float(start.norm(dim=1).mean().clamp_min(1e-6))
-    values = start.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([values], lr=hparams.lr * scale / start.shape[1] ** 0.5)
-
-    def replace(_m: torch.nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+    def replace(_m: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if "values" not in seen:
+            seen["keys"] = args[0][rows, positions].detach().float()
+            seen["values"] = output[rows, positions].detach().float().requires_grad_(True)
         output = output.clone()
-        output[rows, positions] = values.to(output.dtype)
+        output[rows, positions] = seen["values"].to(output.dtype)
         return output
 
     targets = batch.labels[rows, positions + 1]
+    optimizer: torch.optim.Optimizer | None = None
     handle = module.register_forward_hook(replace)
     try:
         for step in range(hparams.steps):
             logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False).logits
+            values = seen["values"]
+            if optimizer is None:
+                scale = float(values.detach().norm(dim=1).mean().clamp_min(1e-6))
+                step_size = hparams.lr * scale / values.shape[1] ** 0.5
+                optimizer = torch.optim.Adam([values], lr=step_size)
             token_nll = F.cross_entropy(logits[rows, positions].float(), targets, reduction="none")
             per_request = (
                 torch.zeros(len(requests), device=device).index_add(0, rows, token_nll.detach())
@@ -127,6 +123,7 @@ def compute(
     finally:
         handle.remove()
 
+    keys, values = seen["keys"], seen["values"]
     radii = hparams.radius * keys.norm(dim=1)
     book = Codebook(keys.cpu().contiguous(), values.detach().float().cpu(), radii.cpu())
     patch = Patch("grace", {}, {"layer": str(layer)}, codebooks={path: book})
