@@ -1,5 +1,6 @@
 """AlphaEdit's two promises on a small model: an update cannot move the outputs of keys in
-the preserved subspace, and it leaves the keys of earlier edits (its history) alone."""
+the preserved subspace, and it leaves the keys of earlier edits (its history) alone; and
+the history weight that AlphaEdit and NSE share."""
 
 from __future__ import annotations
 

@@ -263,12 +263,15 @@ class Engine:
         applied_edits: tuple[str, ...] | list[str] = (),
         diagnostics: dict[str, dict[str, Any]] | None = None,
         applied_from: WeightSnapshot | None = None,
+        progress: JobProgress | None = None,
     ) -> Version:
         """Apply `patch`, record the version; on any failure the weights go back. With
         `applied_from` the patch is already applied (by the guard) on top of that snapshot."""
         weights = self._weights()
         undo = applied_from if applied_from is not None else weights.snapshot()
         try:
+            if progress is not None:
+                progress(1.0, "recording the version")
             sha = None
             if patch is not None:
                 if applied_from is None:
@@ -441,12 +444,6 @@ class Engine:
                     raise GuardRejectedError(report)
                 for diagnostics in per_edit.values():
                     diagnostics["guard"] = report.to_dict()
-            try:
-                progress(1.0, "recording the version")
-            except BaseException:  # a cancel here: the guard's applied patch goes back
-                if applied_from is not None:
-                    self._weights().reset_to(applied_from)
-                raise
             return self._commit(
                 NewVersion(
                     kind=VersionKind.edit,
@@ -462,6 +459,7 @@ class Engine:
                 applied_edits=[e.id for e in edits],
                 diagnostics=per_edit,
                 applied_from=applied_from,
+                progress=progress,
             )
 
         self.lane.call(on_lane)
