@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editors import EditRequest, apply_patch, revert_patch
+from editors import EditRequest, Patch, apply_patch, revert_patch
 from editors.alphaedit import AlphaEditHyperParams
+from editors.core.history import earlier_keys
 from editors.core.updates import null_space_projection, null_space_update
 from editors.errors import UnknownHyperparameterError
 
@@ -106,6 +107,32 @@ def test_a_heavier_history_weight_moves_the_earlier_key_less(editor, method):
         revert_patch(editor.model, applied)
     light, heavy = moved[:2], moved[2:]
     assert all(h < 0.8 * w for h, w in zip(heavy, light, strict=True)), (light, heavy)
+
+
+def test_the_history_gram_is_the_same_whether_extended_or_summed_afresh():
+    """earlier_keys keeps a running K_p K_p^T; extending it must give the bits a cold sum
+    gives, and a shorter history (after a rollback) must not reuse the longer one's sum."""
+    generator = torch.Generator().manual_seed(0)
+    patches = [
+        Patch("alphaedit", {}, keys={3: torch.randn(16, 2, generator=generator)}) for _ in range(4)
+    ]
+    expected = sum(p.keys[3].double() @ p.keys[3].double().T for p in patches)
+    earlier_keys(patches[:2], 3)
+    extended = earlier_keys(patches, 3, weight=2.0)  # reuses the first two patches' sum
+    assert extended is not None
+    torch.testing.assert_close(extended, 2.0 * expected)
+    rolled_back = earlier_keys(patches[:1], 3)
+    assert rolled_back is not None
+    torch.testing.assert_close(
+        rolled_back, patches[0].keys[3].double() @ patches[0].keys[3].T.double()
+    )
+    copies = [Patch("alphaedit", {}, keys=dict(p.keys)) for p in patches]  # new objects
+    afresh = earlier_keys(copies, 3)
+    assert afresh is not None
+    earlier_keys(patches[:3], 3)  # a running sum over three, then extended by one
+    again = earlier_keys(patches, 3)
+    assert again is not None
+    assert torch.equal(afresh, again)  # same bits, extended or summed from nothing
 
 
 def test_bad_alphaedit_hyperparameters_are_named():

@@ -3,8 +3,11 @@ patches in effect, oldest first), so that their state is versioned with the weig
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
@@ -12,13 +15,55 @@ from transformers import PreTrainedModel
 from ..patch import Patch, apply_patch, dense_of, revert_patch
 
 
+@dataclass(frozen=True)
+class _RunningGram:
+    """K_p K_p^T at one layer over `patches` (held weakly, compared by identity)."""
+
+    patches: tuple[weakref.ref[Patch], ...]
+    gram: torch.Tensor
+
+
+# The last history's Gram per layer. Sequential editing asks for the same history plus the
+# newest edit each time, so extending the sum costs one edit's keys instead of the whole
+# history's (about a second per layer at 500 edits on SmolLM2). An entry is replaced, never
+# changed in place, so a reader in another thread sees either the old sum or the new one.
+_running: dict[int, _RunningGram] = {}
+_running_lock = threading.Lock()
+
+
 def earlier_keys(history: Sequence[Patch], layer: int, weight: float = 1.0) -> torch.Tensor | None:
     """w K_p K_p^T at `layer`: the keys every applied patch in `history` wrote there."""
-    blocks = [p.keys[layer].double() for p in history if layer in p.keys]
-    if not blocks or weight == 0:
+    writers = [p for p in history if layer in p.keys]
+    if not writers or weight == 0:
         return None
-    keys = torch.cat(blocks, 1)
-    return weight * (keys @ keys.T)
+    with _running_lock:
+        cached = _running.get(layer)
+    if cached is not None and _extends(writers, cached.patches):
+        start, gram = len(cached.patches), cached.gram
+    else:
+        start, gram = 0, None
+    if start < len(writers):
+        # one patch at a time on every path, so the sum is the same bits cached or not
+        total = gram.clone() if gram is not None else _zeros_like_keys(writers[0], layer)
+        for patch in writers[start:]:
+            keys = patch.keys[layer].double()
+            total.addmm_(keys, keys.T)
+        gram = total
+        with _running_lock:
+            _running[layer] = _RunningGram(tuple(weakref.ref(p) for p in writers), gram)
+    assert gram is not None
+    return weight * gram
+
+
+def _zeros_like_keys(patch: Patch, layer: int) -> torch.Tensor:
+    size = patch.keys[layer].shape[0]
+    return torch.zeros(size, size, dtype=torch.float64, device=patch.keys[layer].device)
+
+
+def _extends(history: Sequence[Patch], prefix: Sequence[weakref.ref[Patch]]) -> bool:
+    return len(prefix) <= len(history) and all(
+        ref() is patch for ref, patch in zip(prefix, history, strict=False)
+    )
 
 
 @contextmanager
