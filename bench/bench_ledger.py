@@ -1,4 +1,5 @@
-"""Rollback and start-up replay on an N-version ledger; prints JSON figures.
+"""Rollback, the ledger head query and start-up replay on an N-version ledger; prints JSON
+figures.
 
     python bench/bench_ledger.py --versions 200
 
@@ -73,6 +74,11 @@ def main() -> None:
             [edit_id],
         )
     head = engine.version
+    head_query_seconds = []  # what a writer pays per generation batch to check for new versions
+    for _ in range(200):
+        started = time.perf_counter()
+        state.ledger.head()
+        head_query_seconds.append(time.perf_counter() - started)
 
     rollback_seconds = []
     targets = random.Random(0).sample(range(head), min(args.rollbacks, head))
@@ -99,6 +105,11 @@ def main() -> None:
                     "median": statistics.median(rollback_seconds),
                     "max": max(rollback_seconds),
                     "count": len(rollback_seconds),
+                },
+                "head_query_seconds": {
+                    "median": statistics.median(head_query_seconds),
+                    "max": max(head_query_seconds),
+                    "count": len(head_query_seconds),
                 },
                 "startup_beyond_model_load_seconds": {
                     "hash_base": replay["hash_base"],
