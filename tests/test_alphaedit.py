@@ -118,7 +118,10 @@ def test_the_history_gram_is_the_same_whether_extended_or_summed_afresh():
     ]
     expected = sum(p.keys[3].double() @ p.keys[3].double().T for p in patches)
     earlier_keys(patches[:2], 3)
-    extended = earlier_keys(patches, 3, weight=2.0)  # reuses the first two patches' sum
+    first_keys = patches[0].keys[3]
+    patches[0].keys[3] = torch.full_like(first_keys, float("nan"))  # unread if the sum is reused
+    extended = earlier_keys(patches, 3, weight=2.0)
+    patches[0].keys[3] = first_keys
     assert extended is not None
     torch.testing.assert_close(extended, 2.0 * expected)
     rolled_back = earlier_keys(patches[:1], 3)
