@@ -3,6 +3,7 @@
 MEMIT's targets and layer spreading (core/spread.py), with each layer's update projected on
 the null space of the preserved keys' second moment C:
   D = R K^T P (w K_p K_p^T P + K K^T P + l2 I)^-1,   P = projection on {v : C v ~ 0}
+(optionally with lam_c C beside K K^T, for models whose C has no exact null space)
 so the outputs at preserved keys cannot move (D k0 = 0), and the keys of earlier edits K_p
 (read from the patches already applied: the method's state is the edit history, so a
 rollback restores it with the weights) are kept almost unchanged. That is what lets it take
@@ -39,6 +40,9 @@ class AlphaEditHyperParams(SequentialHyperParams):
     # history's keys and collapsed before 200 sequential edits (see the README).
     nullspace_energy: float = 0.1  # P spans C's weakest directions holding this share of it
     l2: float = 10.0  # ridge term, in units of C's mean eigenvalue (a key's energy per dim)
+    # lam_c: C's energy left inside the null space also weighs against the update, as in
+    # MEMIT's lam C; 0 is the paper's hard projection alone
+    mom2_update_weight: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,6 +52,10 @@ class AlphaEditHyperParams(SequentialHyperParams):
             )
         if self.l2 <= 0:
             raise UnknownHyperparameterError("l2 must be positive", field="l2")
+        if self.mom2_update_weight < 0:
+            raise UnknownHyperparameterError(
+                "mom2_update_weight must not be negative", field="mom2_update_weight"
+            )
 
 
 # P per (statistics object, layer, energy): an eigendecomposition of d_in x d_in, reused
@@ -81,13 +89,16 @@ def compute(
     def solve(layer: int, keys: torch.Tensor, change: torch.Tensor) -> Factors:
         p = projection(stats, layer, hparams.nullspace_energy).to(keys.device)
         earlier = earlier_keys(history, layer, hparams.history_weight)
-        scale = float(torch.trace(stats.second_moment(layer).double())) / keys.shape[0]
+        second_moment = stats.second_moment(layer)
+        scale = float(torch.trace(second_moment.double())) / keys.shape[0]
+        weight = hparams.mom2_update_weight
         return null_space_update(
             p,
             keys,
             change,
             None if earlier is None else earlier.to(keys.device),
             hparams.l2 * scale,
+            weight * second_moment.to(keys.device) if weight else None,
         )
 
     return spread_edit(

@@ -50,6 +50,36 @@ def test_the_null_space_holds_at_most_its_share_of_the_preserved_energy():
         assert float(spectrum.sort().values[: widest + 1].sum() / spectrum.sum()) > energy
 
 
+def test_the_preserved_energy_left_in_the_null_space_weighs_against_the_update():
+    # no exact null space (as in SmolLM2): P keeps 10 % of C's energy, spread unevenly
+    g = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(48, 48, generator=g, dtype=torch.float64))[0]
+    c = basis @ torch.diag(torch.logspace(-3, 1, 48, dtype=torch.float64)) @ basis.T
+    p = null_space_projection(c, 0.1)
+    keys, residuals = torch.randn(48, 2, generator=g), torch.randn(16, 2, generator=g)
+    lam, lam_c = 0.01, 30.0
+
+    def objective(delta: torch.Tensor) -> float:
+        keys64 = keys.double()
+        miss = delta @ keys64 - residuals.double()
+        damage = lam_c * torch.trace(delta @ c @ delta.T)
+        return float((miss**2).sum() + damage + lam * (delta**2).sum())
+
+    hard, soft = (
+        null_space_update(p, keys, residuals, None, lam, preserved)
+        for preserved in (None, lam_c * c)
+    )
+    deltas = [a @ b.T for a, b in (hard, soft)]
+    soft_delta = deltas[1]
+    assert torch.allclose(soft_delta @ p, soft_delta, atol=1e-10)  # still inside P
+    # the damage to preserved keys falls, and the soft update is the objective's minimiser
+    damage = [float(torch.trace(d @ c @ d.T)) for d in deltas]
+    assert damage[1] < 0.5 * damage[0], damage
+    for _ in range(5):
+        nudge = 1e-3 * torch.randn(16, 48, generator=g, dtype=torch.float64) @ p
+        assert objective(soft_delta) < objective(soft_delta + nudge)
+
+
 def test_earlier_keys_are_left_almost_alone():
     g = torch.Generator().manual_seed(1)
     p = torch.eye(32, dtype=torch.float64)  # no preserved keys: only the history protects
@@ -142,6 +172,7 @@ def test_bad_alphaedit_hyperparameters_are_named():
     for overrides, field in (
         ({"nullspace_energy": 2.0}, "nullspace_energy"),
         ({"l2": 0}, "l2"),
+        ({"mom2_update_weight": -1.0}, "mom2_update_weight"),
         ({"history_weight": -1.0}, "history_weight"),
     ):
         with pytest.raises(UnknownHyperparameterError) as err:

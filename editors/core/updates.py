@@ -11,7 +11,9 @@ least_squares (MEMIT): A = R,  B = (lam C + K K^T)^-1 K
     NSE solves the same system restricted to the selected neurons S (rows of B outside S
     are zero), with the earlier edits' keys added to lam C.
 null_space (AlphaEdit): D = D' P with P the projection on the null space of C, so the
-    preserved keys' outputs (almost) cannot change; see `null_space_update`.
+    preserved keys' outputs (almost) cannot change; see `null_space_update`. Where C has
+    no exact null space, lam_c P C P (the preserved keys' energy left inside P) can join
+    the system, MEMIT's penalty restricted to P.
 """
 
 from __future__ import annotations
@@ -79,15 +81,21 @@ def null_space_update(
     residuals: torch.Tensor,
     earlier: torch.Tensor | None,
     lam: float,
+    preserved: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """AlphaEdit: D = R K^T P (K_p K_p^T P + K K^T P + lam I)^-1, as factors A = R and
     B = (P (K K^T + K_p K_p^T) + lam I)^-1 P K, whose columns lie in the range of P, so
     D k0 = 0 for every preserved key k0 (P k0 = 0). `earlier` is K_p K_p^T, the keys of the
-    edits already made, which the update also leaves (almost) alone."""
+    edits already made, which the update also leaves (almost) alone. `preserved` (lam_c C)
+    joins K K^T: with D = D P only P C P counts, so it weighs the damage to preserved keys
+    whose energy is not quite null in P (the minimiser of |D K - R|^2 + |D K_p|^2
+    + tr(D lam_c C D^T) + lam |D|^2 over D = D P)."""
     keys = keys.double()
     gram = keys @ keys.T
     if earlier is not None:
         gram = gram + earlier.double()
+    if preserved is not None:
+        gram = gram + preserved.double()
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     system = projection @ gram + lam * eye
     return residuals.double(), torch.linalg.solve(system, projection @ keys)
