@@ -40,8 +40,8 @@ class AlphaEditHyperParams(SequentialHyperParams):
     # history's keys and collapsed before 200 sequential edits (see the README).
     nullspace_energy: float = 0.1  # P spans C's weakest directions holding this share of it
     l2: float = 10.0  # ridge term, in units of C's mean eigenvalue (a key's energy per dim)
-    # lam_c: C's energy left inside the null space also weighs against the update, as in
-    # MEMIT's lam C; 0 is the paper's hard projection alone
+    # lam_c: here lam C counts only through C's energy left inside the null space (P C P);
+    # 0 is the paper's hard projection alone
     mom2_update_weight: float = 0.0
 
     def __post_init__(self) -> None:
@@ -52,10 +52,6 @@ class AlphaEditHyperParams(SequentialHyperParams):
             )
         if self.l2 <= 0:
             raise UnknownHyperparameterError("l2 must be positive", field="l2")
-        if self.mom2_update_weight < 0:
-            raise UnknownHyperparameterError(
-                "mom2_update_weight must not be negative", field="mom2_update_weight"
-            )
 
 
 # P per (statistics object, layer, energy): an eigendecomposition of d_in x d_in, reused

@@ -123,9 +123,14 @@ class SpreadHyperParams(LocateEditHyperParams):
     layers: tuple[int, ...] | None = None  # None: `span` layers ending at the default depth
     last_layer_fraction: float = 0.23
     span: int = 5
+    mom2_update_weight: float = 1000.0  # lam in lam C: how strongly C protects other keys
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.mom2_update_weight < 0:
+            raise UnknownHyperparameterError(
+                "mom2_update_weight must not be negative", field="mom2_update_weight"
+            )
         if self.layers is not None and (
             not self.layers or list(self.layers) != sorted(set(self.layers))
         ):

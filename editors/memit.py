@@ -15,7 +15,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .core.spread import Factors, spread_edit
 from .core.updates import least_squares_update
 from .core.values import ProgressFn
-from .errors import UnknownHyperparameterError
 from .hparams import SpreadHyperParams
 from .model_spec import ModelSpec
 from .requests import EditRequest
@@ -25,14 +24,7 @@ from .stats import Statistics
 
 @dataclass(frozen=True)
 class MEMITHyperParams(SpreadHyperParams):
-    mom2_update_weight: float = 1000.0  # lam: how strongly C protects other keys
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.mom2_update_weight < 0:
-            raise UnknownHyperparameterError(
-                "mom2_update_weight must not be negative", field="mom2_update_weight"
-            )
+    """MEMIT's fields are the spread methods' own (`mom2_update_weight` is its lam)."""
 
 
 def compute(

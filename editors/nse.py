@@ -40,7 +40,6 @@ from .stats import Statistics
 
 @dataclass(frozen=True)
 class NSEHyperParams(SequentialHyperParams):
-    mom2_update_weight: float = 1000.0  # lam, as MEMIT's
     neuron_share: float = 0.8  # the selected neurons carry this share of |activation|
     iterations: int = 3  # most layer sweeps per edit
     tolerance: float = 0.1  # a request is done when |z - h| <= tolerance * |z - h_start|
@@ -48,10 +47,6 @@ class NSEHyperParams(SequentialHyperParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.mom2_update_weight < 0:
-            raise UnknownHyperparameterError(
-                "mom2_update_weight must not be negative", field="mom2_update_weight"
-            )
         if not 0 < self.neuron_share <= 1:
             raise UnknownHyperparameterError(
                 "neuron_share must lie in (0, 1]", field="neuron_share"
