@@ -8,6 +8,11 @@ For one fact at layer l:
 with k_d = k (variant "corrected") or the bare-prompt key (variant "original"; this mismatch
 is what makes original ROME collapse the model on some edits). Several requests are edited
 one after another, each on the weights left by the previous one.
+
+The update changes the MLP output at a context whose key is k_j by r (C^-1 k)^T k_j /
+(k_d^T C^-1 k): not r itself unless k_j = k_d. With `delivery_aware` (default) r is optimised
+as those shares will deliver it at each context, so a target reached in the optimisation is
+reached by the edited model (the bare prompt included), not only on average over contexts.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .core.context import edit_context
-from .core.keys import compute_keys
+from .core.keys import Keys, compute_keys, keys_at
 from .core.updates import rank_one_update
-from .core.values import ProgressFn, optimise_residual_targets
+from .core.values import KL_TEMPLATE, ProgressFn, optimise_residual_targets
 from .errors import UnknownHyperparameterError
 from .hparams import LocateEditHyperParams, check_layers, layer_at
 from .model_spec import ModelSpec
@@ -28,6 +34,7 @@ from .patch import AppliedPatch, Patch, apply_patch, revert_patch
 from .requests import EditRequest
 from .result import Diagnostics, EditResult
 from .stats import Statistics
+from .tokens import locate
 from .weights import factored
 
 VARIANTS = ("corrected", "original")
@@ -38,6 +45,7 @@ class ROMEHyperParams(LocateEditHyperParams):
     layer: int | None = None  # None: the family default depth
     layer_fraction: float = 0.17
     variant: str = "corrected"
+    delivery_aware: bool = True  # optimise r as the update delivers it at each context
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,6 +117,13 @@ def _edit_one(
 ) -> Patch:
     t0 = time.perf_counter()
     keys = compute_keys(model, tok, spec, [request], prefixes, [layer])[layer]
+    key = keys.mean[0]
+    denominator_key = key if hparams.variant == "corrected" else keys.bare[0]
+    delivery = None
+    if hparams.delivery_aware:
+        delivery = _delivered_shares(
+            model, tok, spec, request, layer, keys, stats.inverse(layer), denominator_key
+        )
     t1 = time.perf_counter()
     targets = optimise_residual_targets(
         model,
@@ -120,11 +135,10 @@ def _edit_one(
         hparams.value_options,
         progress,
         mlp_space=True,
+        delivery=delivery,
     )
     t2 = time.perf_counter()
-    key = keys.mean[0]
     change = targets.delta[0]  # wanted change of the MLP output at the subject
-    denominator_key = key if hparams.variant == "corrected" else keys.bare[0]
     left, right = rank_one_update(stats.inverse(layer), key, change, denominator_key)
     diagnostics.steps += targets.steps
     diagnostics.losses.extend(targets.losses)
@@ -137,3 +151,22 @@ def _edit_one(
     ):
         diagnostics.seconds[stage] = diagnostics.seconds.get(stage, 0.0) + seconds
     return Patch("rome", {spec.weight_name(layer): factored(spec, left, right)})
+
+
+def _delivered_shares(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    request: EditRequest,
+    layer: int,
+    keys: Keys,
+    c_inv: torch.Tensor,
+    denominator_key: torch.Tensor,
+) -> torch.Tensor:
+    """[1, contexts + 1]: (C^-1 k)^T k_j / (C^-1 k)^T k_d at each context key k_j, the KL
+    prompt's last: the share of r the rank-one update makes there."""
+    kl_prompt = locate(tok, "", KL_TEMPLATE, request.subject, None)
+    kl_key = keys_at(model, tok, spec, [kl_prompt], [layer])[layer]
+    every = torch.cat([keys.contexts[0], kl_key]).double()
+    u = c_inv.double() @ keys.mean[0].double()
+    return ((every @ u) / (denominator_key.double() @ u))[None].float()

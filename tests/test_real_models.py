@@ -4,12 +4,14 @@ The same tests run on both models (the `real_editor` fixture is parametrised).""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from editors import EditRequest, apply_patch, revert_patch
 from editors.datasets import counterfact_request
-from editors.metrics import evaluate, locality_reference
+from editors.metrics import evaluate, locality_reference, score_pairs
 
 from .conftest import assert_same_weights, counterfact, weights_snapshot
 
@@ -61,6 +63,29 @@ def test_rome_on_counterfact_cases(real_editor):
         revert_patch(real_editor.model, applied)
     assert sum(c["efficacy"] for c in per_case) / len(per_case) >= 5 / 6
     assert sum(c["locality"] for c in per_case) / len(per_case) >= 0.8
+
+
+def _context_nll(editor, request: EditRequest, prefixes: list[str]) -> list[float]:
+    pairs = [(prefix + request.text, request.target_new) for prefix in prefixes]
+    return score_pairs(editor.model, editor.tok, pairs).nll
+
+
+def test_rome_reaches_its_target_where_the_update_delivers_it(real_editor):
+    """The rank-one update makes a different share of r at each context's key (on this case
+    far less than r at the bare prompt). ROME optimises r as the update will deliver it, so
+    the target probability it reports is the edited model's own, context by context, and
+    the bare prompt (what reliability scores) says the target too."""
+    request = counterfact_request(counterfact("train", 1, start=5)[0])  # Michel Denisot
+    result = real_editor.compute([request], "rome")
+    prefixes = result.diagnostics.prefixes
+    applied = apply_patch(real_editor.model, result.patch)
+    try:
+        nll = _context_nll(real_editor, request, prefixes)
+    finally:
+        revert_patch(real_editor.model, applied)
+    reported = -math.log(result.diagnostics.prob_after[0])
+    assert sum(nll) / len(nll) == pytest.approx(reported, abs=0.01)
+    assert nll[0] < 0.2  # the bare prompt: P(target) > 0.8
 
 
 def test_memit_on_counterfact_cases(smollm2_editor):

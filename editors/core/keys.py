@@ -9,16 +9,17 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..model_spec import ModelSpec
 from ..requests import EditRequest
-from ..tokens import locate
+from ..tokens import PromptIds, locate
 from ..tracing import forward_until, hidden_of, record_inputs
 
 
 @dataclass(frozen=True)
 class Keys:
-    """Per-request keys at one layer: prefix-averaged and from the bare prompt."""
+    """Per-request keys at one layer: prefix-averaged, from the bare prompt, and per context."""
 
     mean: torch.Tensor  # [n, d_in]
     bare: torch.Tensor  # [n, d_in]
+    contexts: torch.Tensor  # [n, prefixes, d_in] one per context prefix, bare prompt first
 
 
 def right_padded(rows: list[list[int]], pad_id: int, device: torch.device):
@@ -39,21 +40,17 @@ def pad_id_of(tok: PreTrainedTokenizerBase) -> int:
 
 
 @torch.no_grad()
-def compute_keys(
+def keys_at(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     spec: ModelSpec,
-    requests: list[EditRequest],
-    prefixes: list[str],
+    located: list[PromptIds],
     layers: list[int],
     chunk_rows: int = 64,
-) -> dict[int, Keys]:
-    """Keys of every request at every layer in `layers`, from one batched pass per chunk.
-
-    `prefixes[0]` must be the empty prefix (the bare prompt).
-    """
+) -> dict[int, torch.Tensor]:
+    """The key at each located prompt's subject token, at every layer in `layers`:
+    [len(located), d_in] per layer, from one batched pass per chunk."""
     device = next(model.parameters()).device
-    located = [locate(tok, p, r.prompt, r.subject, None) for r in requests for p in prefixes]
     paths = [spec.mlp_out_path(layer) for layer in layers]
     gathered: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for start in range(0, len(located), chunk_rows):
@@ -71,10 +68,26 @@ def compute_keys(
             )
         for layer, path in zip(layers, paths, strict=True):
             gathered[layer].append(seen[path][rows, cols].float())
+    return {layer: torch.cat(gathered[layer]) for layer in layers}
+
+
+def compute_keys(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    requests: list[EditRequest],
+    prefixes: list[str],
+    layers: list[int],
+) -> dict[int, Keys]:
+    """Keys of every request at every layer in `layers`.
+
+    `prefixes[0]` must be the empty prefix (the bare prompt).
+    """
+    located = [locate(tok, p, r.prompt, r.subject, None) for r in requests for p in prefixes]
     result = {}
-    for layer in layers:
-        per_row = torch.cat(gathered[layer]).view(len(requests), len(prefixes), -1)
-        result[layer] = Keys(mean=per_row.mean(dim=1), bare=per_row[:, 0])
+    for layer, rows in keys_at(model, tok, spec, located, layers).items():
+        per_row = rows.view(len(requests), len(prefixes), -1)
+        result[layer] = Keys(mean=per_row.mean(dim=1), bare=per_row[:, 0], contexts=per_row)
     return result
 
 

@@ -74,6 +74,7 @@ class _Rows:
     answer_ids: torch.Tensor  # [T]
     answer_row_len: torch.Tensor  # [B] answer length of each row (1 for KL rows)
     kl_cols: torch.Tensor  # [B] column of the next-token distribution used for KL
+    scale: torch.Tensor  # [B] share of its request's delta this row receives
 
 
 def _build_rows(
@@ -136,6 +137,7 @@ def _build_rows(
         answer_ids=t(a_ids),
         answer_row_len=t(row_len),
         kl_cols=t(kl_cols),
+        scale=torch.ones(n, device=device),
     )
 
 
@@ -220,8 +222,10 @@ class _UpperStack:
 
         Without a post-norm the delta is added to the block output (= the MLP output's
         contribution). With one, the delta is added to the MLP output *before* the norm, so
-        only reachable residual changes are sought.
+        only reachable residual changes are sought. Each row's delta is first scaled by the
+        share of it the edit will make at that row's context (`rows.scale`).
         """
+        row_delta = row_delta * self.rows.scale[:, None]
         if self.post_norm is not None:
             norm = self.post_norm
             row_delta = norm(self.mlp_out + row_delta) - norm(self.mlp_out)
@@ -257,6 +261,7 @@ def _select_rows(rows: _Rows, keep: torch.Tensor) -> _Rows:
         answer_ids=rows.answer_ids[token_keep],
         answer_row_len=rows.answer_row_len[keep],
         kl_cols=rows.kl_cols[keep],
+        scale=rows.scale[keep],
     )
 
 
@@ -284,13 +289,20 @@ def optimise_residual_targets(
     options: ValueOptions,
     progress: ProgressFn | None = None,
     mlp_space: bool = False,
+    delivery: torch.Tensor | None = None,
 ) -> ResidualTargets:
     """`mlp_space`: seek the change of block `layer`'s MLP output rather than of the block's
     output. The two are the same unless the family normalises the MLP output before adding it
-    to the residual (Gemma 3), where only the MLP-space change is reachable by its weights."""
+    to the residual (Gemma 3), where only the MLP-space change is reachable by its weights.
+
+    `delivery` [n, len(prefixes) + 1]: the share of delta_i that the weight update will
+    actually make at each context of request i (its KL prompt last), when the method knows
+    it in advance (ROME); the targets are then sought as the edit will deliver them."""
     device = next(model.parameters()).device
     n = len(requests)
     rows = _build_rows(tok, requests, prefixes, device)
+    if delivery is not None:
+        rows.scale = delivery.reshape(-1).to(device=device, dtype=torch.float32)
     post_norm = None
     if mlp_space and spec.mlp_post_norm is not None:
         post_norm = get_module(model, f"{spec.layer_path(layer)}.{spec.mlp_post_norm}")
