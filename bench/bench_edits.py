@@ -55,10 +55,12 @@ def main() -> None:
     baseline = evaluate(model, tok, requests, reference)
     seconds: list[float] = []
     per_case: list[dict] = []
+    stages: dict[str, float | None] = {}  # the batch edit's seconds per stage, and its sweeps
     if args.batch:
         started = time.perf_counter()
         result = editor.compute(requests, args.method, overrides)
         seconds.append(time.perf_counter() - started)
+        stages = {**result.diagnostics.seconds, "sweeps": result.diagnostics.extra.get("sweeps")}
         applied = apply_patch(model, result.patch)
         metrics = evaluate(model, tok, requests, reference)
         revert_patch(model, applied)
@@ -89,6 +91,7 @@ def main() -> None:
                 "seconds_per_edit_median": statistics.median(seconds)
                 / (len(requests) if args.batch else 1),
                 "seconds_total": sum(seconds),
+                "batch_stages": stages,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "metrics": metrics,
                 "baseline": baseline,

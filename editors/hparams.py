@@ -124,9 +124,17 @@ class SpreadHyperParams(LocateEditHyperParams):
     last_layer_fraction: float = 0.23
     span: int = 5
     mom2_update_weight: float = 1000.0  # lam in lam C: how strongly C protects other keys
+    # layer sweeps: each later one carries the requests whose top output is still more than
+    # `tolerance` of their starting distance from the target (see core/spread.py)
+    iterations: int = 1
+    tolerance: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.iterations < 1:
+            raise UnknownHyperparameterError("iterations must be at least 1", field="iterations")
+        if not 0 <= self.tolerance < 1:
+            raise UnknownHyperparameterError("tolerance must lie in [0, 1)", field="tolerance")
         if self.mom2_update_weight < 0:
             raise UnknownHyperparameterError(
                 "mom2_update_weight must not be negative", field="mom2_update_weight"

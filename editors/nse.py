@@ -25,14 +25,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .core.context import edit_context
 from .core.history import earlier_keys, rewound
-from .core.keys import compute_keys, residual_at_subject
-from .core.spread import Factors, spread_over_layers
+from .core.spread import Factors, Sweeps, sweep_over_layers
 from .core.updates import least_squares_update, neurons_carrying
 from .core.values import ProgressFn, optimise_residual_targets
 from .errors import UnknownHyperparameterError
 from .hparams import SequentialHyperParams
 from .model_spec import ModelSpec
-from .patch import AppliedPatch, Patch, apply_patch, revert_patch
+from .patch import Patch
 from .requests import EditRequest
 from .result import Diagnostics, EditResult
 from .stats import Statistics
@@ -41,8 +40,7 @@ from .stats import Statistics
 @dataclass(frozen=True)
 class NSEHyperParams(SequentialHyperParams):
     neuron_share: float = 0.8  # the selected neurons carry this share of |activation|
-    iterations: int = 3  # most layer sweeps per edit
-    tolerance: float = 0.1  # a request is done when |z - h| <= tolerance * |z - h_start|
+    iterations: int = 3  # the paper's iterative editing
     rewind: bool = True  # optimise the targets on the weights before the history (the paper)
 
     def __post_init__(self) -> None:
@@ -51,10 +49,6 @@ class NSEHyperParams(SequentialHyperParams):
             raise UnknownHyperparameterError(
                 "neuron_share must lie in (0, 1]", field="neuron_share"
             )
-        if self.iterations < 1:
-            raise UnknownHyperparameterError("iterations must be at least 1", field="iterations")
-        if not 0 <= self.tolerance < 1:
-            raise UnknownHyperparameterError("tolerance must lie in [0, 1)", field="tolerance")
 
 
 def compute(
@@ -115,42 +109,11 @@ def compute(
         return a, b
 
     t1 = time.perf_counter()
-    patch = Patch("nse", {}, {"layers": ",".join(map(str, layers))})
-    applied: list[AppliedPatch] = []
-    try:
-        start_gap: torch.Tensor | None = None
-        for sweep in range(hparams.iterations):
-            gap = (z - residual_at_subject(model, tok, spec, requests, top)).norm(dim=1)
-            start_gap = gap if start_gap is None else start_gap
-            open_ = torch.nonzero(gap > hparams.tolerance * start_gap).squeeze(1).tolist()
-            if not open_:
-                break
-            share = report(
-                0.6 + 0.35 * sweep / hparams.iterations,
-                0.6 + 0.35 * (sweep + 1) / hparams.iterations,
-            )
-            part, _ = spread_over_layers(
-                model,
-                tok,
-                spec,
-                [requests[i] for i in open_],
-                prefixes,
-                layers,
-                z[open_],
-                solve,
-                "nse",
-                share,
-            )
-            applied.append(apply_patch(model, part))
-            patch = patch.merged(part)
-        diagnostics.extra["sweeps"] = len(applied)
-        keys = compute_keys(model, tok, spec, requests, prefixes, layers)
-        patch.keys = {layer: keys[layer].mean.T.float().contiguous() for layer in layers}
-    finally:
-        for record in reversed(applied):
-            revert_patch(model, record)
-    if progress:
-        progress(1.0, "update done")
+    sweeps = Sweeps(hparams.iterations, hparams.tolerance, keys=True)
+    patch, diagnostics.extra["sweeps"], patch_keys = sweep_over_layers(
+        model, tok, spec, requests, prefixes, layers, z, solve, "nse", sweeps, report(0.6, 1.0)
+    )
+    patch.keys = patch_keys
     diagnostics.seconds["update"] = time.perf_counter() - t1
     diagnostics.delta_norms = patch.delta_norms()
     diagnostics.seconds["total"] = time.perf_counter() - started

@@ -7,12 +7,18 @@ ascending order, on the weights already changed below it:
   W_l += A B^T  with (A, B) = solve(l, K, change of the MLP output that yields R)
 so the remaining residual is spread over the layers still to be edited. Methods differ only
 in `solve`, the closed-form update of one layer.
+
+One sweep rarely lands every request on z: each layer's closed form shrinks its share (the
+lam C term), and the layers above see inputs the sweep has changed. So the sweep repeats
+(`iterations`) for the requests whose top output is still more than `tolerance` of their
+starting distance from z, each sweep on the weights the earlier ones left.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,8 +54,9 @@ def spread_edit(
     keep_keys: bool = False,
 ) -> EditResult:
     """Optimise every request's target residual z at the top edited layer together, then
-    spread it over the edited layers with `solve`; with `keep_keys` the patch carries the
-    keys it wrote (for methods that protect earlier edits)."""
+    spread it over the edited layers with `solve` in up to `hparams.iterations` sweeps;
+    with `keep_keys` the patch carries the requests' keys at each edited layer on the edited
+    weights (for methods that protect earlier edits)."""
     started = time.perf_counter()
     context = edit_context(model, tok, hparams, stats, spec, prefixes)
     spec, layers, prefixes = context.spec, context.layers, context.prefixes
@@ -75,15 +82,94 @@ def spread_edit(
     diagnostics.prob_before, diagnostics.prob_after = targets.prob_before, targets.prob_after
 
     t1 = time.perf_counter()
-    patch, keys = spread_over_layers(
-        model, tok, spec, requests, prefixes, layers, z, solve, method, share(0.8, 1.0)
+    patch, sweeps, keys = sweep_over_layers(
+        model,
+        tok,
+        spec,
+        requests,
+        prefixes,
+        layers,
+        z,
+        solve,
+        method,
+        Sweeps(hparams.iterations, hparams.tolerance, keep_keys),
+        share(0.8, 1.0),
     )
     if keep_keys:
         patch.keys = keys
+    diagnostics.extra["sweeps"] = sweeps
     diagnostics.seconds["update"] = time.perf_counter() - t1
     diagnostics.delta_norms = patch.delta_norms()
     diagnostics.seconds["total"] = time.perf_counter() - started
     return EditResult(patch, diagnostics)
+
+
+@dataclass(frozen=True)
+class Sweeps:
+    iterations: int  # most sweeps
+    tolerance: float  # a request is done when |z - h| <= tolerance * |z - h before the edit|
+    keys: bool = False  # also return the requests' keys on the edited weights
+
+
+def sweep_over_layers(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    requests: list[EditRequest],
+    prefixes: list[str],
+    layers: list[int],
+    z: torch.Tensor,
+    solve: LayerSolve,
+    method: str,
+    sweeps: Sweeps,
+    progress: ProgressFn | None = None,
+) -> tuple[Patch, int, dict[int, torch.Tensor]]:
+    """The patch of up to `sweeps.iterations` spreads (the first for every request, each
+    later one for the requests still far from z), the number of sweeps made and, with
+    `sweeps.keys`, the requests' prefix-averaged keys [d_in, n] at each layer on the edited
+    weights. The model is left as it was."""
+    top = layers[-1]
+    patch = Patch(method, {}, {"layers": ",".join(map(str, layers))})
+    applied: list[AppliedPatch] = []
+    keys: dict[int, torch.Tensor] = {}
+    try:
+        start_gap: torch.Tensor | None = None
+        for sweep in range(sweeps.iterations):
+            gap = (z - residual_at_subject(model, tok, spec, requests, top)).norm(dim=1)
+            if start_gap is None:
+                start_gap, open_ = gap, list(range(len(requests)))
+            else:
+                open_ = torch.nonzero(gap > sweeps.tolerance * start_gap).squeeze(1).tolist()
+            if not open_:
+                break
+
+            def report(fraction: float, stage: str, sweep: int = sweep) -> None:
+                if progress:
+                    progress((sweep + fraction) / sweeps.iterations, f"sweep {sweep + 1}: {stage}")
+
+            part = spread_over_layers(
+                model,
+                tok,
+                spec,
+                [requests[i] for i in open_],
+                prefixes,
+                layers,
+                z[open_],
+                solve,
+                method,
+                report,
+            )
+            applied.append(apply_patch(model, part))
+            patch = patch.merged(part)
+        if sweeps.keys:
+            found = compute_keys(model, tok, spec, requests, prefixes, layers)
+            keys = {layer: found[layer].mean.T.float().contiguous() for layer in layers}
+    finally:
+        for record in reversed(applied):
+            revert_patch(model, record)
+    if progress:
+        progress(1.0, "update done")
+    return patch, len(applied), keys
 
 
 def spread_over_layers(
@@ -97,12 +183,10 @@ def spread_over_layers(
     solve: LayerSolve,
     method: str,
     progress: ProgressFn | None = None,
-) -> tuple[Patch, dict[int, torch.Tensor]]:
-    """The patch over `layers`, and the keys it wrote at each layer; the model is left as
-    it was."""
+) -> Patch:
+    """One sweep: the patch over `layers`; the model is left as it was."""
     top = layers[-1]
     patch = Patch(method, {}, {"layers": ",".join(map(str, layers))})
-    written: dict[int, torch.Tensor] = {}
     applied: list[AppliedPatch] = []
     try:
         for i, layer in enumerate(layers):
@@ -116,10 +200,9 @@ def spread_over_layers(
             part = Patch(method, {spec.weight_name(layer): factored(spec, a, b)})
             applied.append(apply_patch(model, part))
             patch = patch.merged(part)
-            written[layer] = keys.T.float().contiguous()
             if progress:
                 progress((i + 1) / len(layers), f"update layer {layer}")
     finally:
         for record in reversed(applied):
             revert_patch(model, record)
-    return patch, written
+    return patch
