@@ -25,9 +25,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .core.context import edit_context
 from .core.history import earlier_keys, rewound
-from .core.spread import Factors, Sweeps, sweep_over_layers
+from .core.spread import Factors, Sweeps, sweep_over_layers, top_layer_targets
 from .core.updates import least_squares_update, neurons_carrying
-from .core.values import ProgressFn, optimise_residual_targets
+from .core.values import ProgressFn
 from .errors import UnknownHyperparameterError
 from .hparams import SequentialHyperParams
 from .model_spec import ModelSpec
@@ -80,10 +80,9 @@ def compute(
 
     t0 = time.perf_counter()
     with rewound(model, history if hparams.rewind else ()):
-        targets = optimise_residual_targets(
+        z, targets = top_layer_targets(
             model, tok, spec, requests, prefixes, top, hparams.value_options, report(0.0, 0.6)
         )
-    z = targets.start + targets.delta
     diagnostics.seconds["values"] = time.perf_counter() - t0
     diagnostics.steps, diagnostics.losses = targets.steps, targets.losses
     diagnostics.prob_before, diagnostics.prob_after = targets.prob_before, targets.prob_after
@@ -110,10 +109,13 @@ def compute(
 
     t1 = time.perf_counter()
     sweeps = Sweeps(hparams.iterations, hparams.tolerance, keys=True)
-    patch, diagnostics.extra["sweeps"], patch_keys = sweep_over_layers(
+    swept = sweep_over_layers(
         model, tok, spec, requests, prefixes, layers, z, solve, "nse", sweeps, report(0.6, 1.0)
     )
-    patch.keys = patch_keys
+    patch = swept.patch
+    patch.keys = swept.keys
+    diagnostics.extra["sweeps"] = swept.sweeps
+    diagnostics.extra["target_gap_left"] = swept.left
     diagnostics.seconds["update"] = time.perf_counter() - t1
     diagnostics.delta_norms = patch.delta_norms()
     diagnostics.seconds["total"] = time.perf_counter() - started

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..model_spec import ModelSpec, edited_weight
+from ..model_spec import ModelSpec, edited_weight, get_module
 from ..patch import AppliedPatch, Patch, apply_patch, revert_patch
 from ..requests import EditRequest
 from ..result import Diagnostics, EditResult
@@ -33,7 +33,7 @@ from ..weights import factored, linear_weight
 from .context import edit_context
 from .keys import compute_keys, residual_at_subject
 from .mlp_values import mlp_output_change
-from .values import ProgressFn, optimise_residual_targets
+from .values import ProgressFn, ResidualTargets, ValueOptions, optimise_residual_targets
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # A [d_out, r], B [d_in, r]: W += A @ B.T
 # (layer, keys [d_in, n], wanted MLP-output changes [d_out, n]) -> the layer's update
@@ -72,17 +72,16 @@ def spread_edit(
 
         return report
 
-    targets = optimise_residual_targets(
+    z, targets = top_layer_targets(
         model, tok, spec, requests, prefixes, top, hparams.value_options, share(0.0, 0.8)
     )
-    z = targets.start + targets.delta  # wanted output of block `top` at each subject
     diagnostics.seconds["values"] = time.perf_counter() - t0
     diagnostics.steps = targets.steps
     diagnostics.losses = targets.losses
     diagnostics.prob_before, diagnostics.prob_after = targets.prob_before, targets.prob_after
 
     t1 = time.perf_counter()
-    patch, sweeps, keys = sweep_over_layers(
+    swept = sweep_over_layers(
         model,
         tok,
         spec,
@@ -95,13 +94,48 @@ def spread_edit(
         Sweeps(hparams.iterations, hparams.tolerance, keep_keys),
         share(0.8, 1.0),
     )
+    patch = swept.patch
     if keep_keys:
-        patch.keys = keys
-    diagnostics.extra["sweeps"] = sweeps
+        patch.keys = swept.keys
+    diagnostics.extra["sweeps"] = swept.sweeps
+    diagnostics.extra["target_gap_left"] = swept.left
     diagnostics.seconds["update"] = time.perf_counter() - t1
     diagnostics.delta_norms = patch.delta_norms()
     diagnostics.seconds["total"] = time.perf_counter() - started
     return EditResult(patch, diagnostics)
+
+
+def top_layer_targets(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    requests: list[EditRequest],
+    prefixes: list[str],
+    top: int,
+    options: ValueOptions,
+    progress: ProgressFn | None = None,
+) -> tuple[torch.Tensor, ResidualTargets]:
+    """z [n, d], the wanted output of block `top` at each request's subject (bare prompt),
+    and the optimisation that found it.
+
+    Where the family normalises the MLP output before the residual (Gemma 3), a residual
+    change sought freely is mostly out of reach of the MLP weights (the norm fixes the
+    output's scale, far below the residual's), and the layers' updates then move the
+    residual anywhere but to z. There the change is sought in the top MLP's output space,
+    as ROME does, and z is the residual that change makes: reachable by the top layer
+    alone, so the layers below take shares of a change the weights can make."""
+    post_norm = spec.mlp_post_norm is not None
+    targets = optimise_residual_targets(
+        model, tok, spec, requests, prefixes, top, options, progress, mlp_space=post_norm
+    )
+    delta = targets.delta.detach()
+    if not post_norm:
+        return targets.start + delta, targets
+    norm = get_module(model, f"{spec.layer_path(top)}.{spec.mlp_post_norm}")
+    with torch.no_grad():
+        dtype = norm.weight.dtype
+        made = norm((targets.start + delta).to(dtype)) - norm(targets.start.to(dtype))
+    return residual_at_subject(model, tok, spec, requests, top) + made.float(), targets
 
 
 @dataclass(frozen=True)
@@ -109,6 +143,14 @@ class Sweeps:
     iterations: int  # most sweeps
     tolerance: float  # a request is done when |z - h| <= tolerance * |z - h before the edit|
     keys: bool = False  # also return the requests' keys on the edited weights
+
+
+@dataclass
+class SweepResult:
+    patch: Patch
+    sweeps: int  # sweeps made
+    left: list[float]  # per request, |z - h| on the edited weights over |z - h| before
+    keys: dict[int, torch.Tensor]  # with Sweeps.keys: keys [d_in, n] on the edited weights
 
 
 def sweep_over_layers(
@@ -123,11 +165,9 @@ def sweep_over_layers(
     method: str,
     sweeps: Sweeps,
     progress: ProgressFn | None = None,
-) -> tuple[Patch, int, dict[int, torch.Tensor]]:
-    """The patch of up to `sweeps.iterations` spreads (the first for every request, each
-    later one for the requests still far from z), the number of sweeps made and, with
-    `sweeps.keys`, the requests' prefix-averaged keys [d_in, n] at each layer on the edited
-    weights. The model is left as it was."""
+) -> SweepResult:
+    """Up to `sweeps.iterations` spreads, the first for every request, each later one for
+    the requests still far from z; the model is left as it was."""
     top = layers[-1]
     patch = Patch(method, {}, {"layers": ",".join(map(str, layers))})
     applied: list[AppliedPatch] = []
@@ -161,6 +201,9 @@ def sweep_over_layers(
             )
             applied.append(apply_patch(model, part))
             patch = patch.merged(part)
+        assert start_gap is not None
+        gap = (z - residual_at_subject(model, tok, spec, requests, top)).norm(dim=1)
+        left = (gap / start_gap.clamp_min(1e-12)).tolist()
         if sweeps.keys:
             found = compute_keys(model, tok, spec, requests, prefixes, layers)
             keys = {layer: found[layer].mean.T.float().contiguous() for layer in layers}
@@ -169,7 +212,7 @@ def sweep_over_layers(
             revert_patch(model, record)
     if progress:
         progress(1.0, "update done")
-    return patch, len(applied), keys
+    return SweepResult(patch, len(applied), left, keys)
 
 
 def spread_over_layers(
