@@ -17,15 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+from ready_editor import ready_editor
 from tqdm import tqdm
 
 from editors import apply_patch, revert_patch
 from editors.datasets import load_counterfact
-from editors.editor import Editor, corpus_statistics
 from editors.hparams import parse_overrides
 from editors.metrics import evaluate, locality_reference
-from editors.model_spec import num_layers
-from editors.models import default_cache_dir, load_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "counterfact"
 
@@ -43,13 +41,9 @@ def main() -> None:
     args = parser.parse_args()
     overrides = parse_overrides(args.set)
 
-    model, tok = load_model(args.model)
+    editor, hparams = ready_editor(args.model, args.method, overrides, args.samples)
+    model, tok = editor.model, editor.tok
     requests = load_counterfact(DATA / f"counterfact-{args.split}.json", args.cases, args.start)
-    stats = corpus_statistics(model, tok, default_cache_dir() / "stats", samples=args.samples)
-    editor = Editor(model, tok, stats)
-    hparams = editor.hparams(args.method, overrides)
-    stats.prepare(hparams.edited_layers(num_layers(model, editor.spec)))
-    editor.prefixes(hparams)
 
     reference = locality_reference(model, tok, requests)
     baseline = evaluate(model, tok, requests, reference)

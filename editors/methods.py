@@ -49,7 +49,7 @@ _LLAMA_MEMIT = {
 # Gemma 3 normalises each MLP output before the residual: only the top edited layer's
 # change is reliably reachable (targets are sought in its MLP-output space, see
 # core/spread.py); with layers 3-5 or 0-5 the lower layers' shares moved the residual away
-# from the targets (1-3x the starting distance left), with the top layer alone and a second
+# from the targets (0.9-3.3x the starting distance left), with the top layer alone and a second
 # sweep 0.03-0.09 of it was left on six train cases.
 _GEMMA_MEMIT = {**_LLAMA_MEMIT, "span": 1, "iterations": 3}
 # The sequential methods: sequential train edits in batches of 10 (see the README). Beyond

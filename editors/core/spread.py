@@ -173,13 +173,9 @@ def sweep_over_layers(
     applied: list[AppliedPatch] = []
     keys: dict[int, torch.Tensor] = {}
     try:
-        start_gap: torch.Tensor | None = None
+        start_gap = gap = _gap_to(z, model, tok, spec, requests, top)
+        open_ = list(range(len(requests)))  # the first sweep carries every request
         for sweep in range(sweeps.iterations):
-            gap = (z - residual_at_subject(model, tok, spec, requests, top)).norm(dim=1)
-            if start_gap is None:
-                start_gap, open_ = gap, list(range(len(requests)))
-            else:
-                open_ = torch.nonzero(gap > sweeps.tolerance * start_gap).squeeze(1).tolist()
             if not open_:
                 break
 
@@ -187,7 +183,7 @@ def sweep_over_layers(
                 if progress:
                     progress((sweep + fraction) / sweeps.iterations, f"sweep {sweep + 1}: {stage}")
 
-            part = spread_over_layers(
+            part = _spread_once(
                 model,
                 tok,
                 spec,
@@ -201,8 +197,8 @@ def sweep_over_layers(
             )
             applied.append(apply_patch(model, part))
             patch = patch.merged(part)
-        assert start_gap is not None
-        gap = (z - residual_at_subject(model, tok, spec, requests, top)).norm(dim=1)
+            gap = _gap_to(z, model, tok, spec, requests, top)
+            open_ = torch.nonzero(gap > sweeps.tolerance * start_gap).squeeze(1).tolist()
         left = (gap / start_gap.clamp_min(1e-12)).tolist()
         if sweeps.keys:
             found = compute_keys(model, tok, spec, requests, prefixes, layers)
@@ -215,7 +211,19 @@ def sweep_over_layers(
     return SweepResult(patch, len(applied), left, keys)
 
 
-def spread_over_layers(
+def _gap_to(
+    z: torch.Tensor,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    requests: list[EditRequest],
+    top: int,
+) -> torch.Tensor:
+    """|z - h| per request, h the current output of block `top` at the subject."""
+    return (z - residual_at_subject(model, tok, spec, requests, top)).norm(dim=1)
+
+
+def _spread_once(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     spec: ModelSpec,
