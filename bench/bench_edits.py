@@ -36,12 +36,15 @@ def main() -> None:
     parser.add_argument("--split", default="edit", choices=["train", "edit", "val"])
     parser.add_argument("--batch", action="store_true", help="all cases as one edit")
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--samples", type=int, default=20_000)
+    parser.add_argument("--samples", type=int, default=20_000, help="statistics tokens")
+    parser.add_argument(
+        "--corpus", help="statistics corpus (`editserve corpus`; default: model-sampled text)"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
     overrides = parse_overrides(args.set)
 
-    editor, hparams = ready_editor(args.model, args.method, overrides, args.samples)
+    editor, hparams = ready_editor(args.model, args.method, overrides, args.samples, args.corpus)
     model, tok = editor.model, editor.tok
     requests = load_counterfact(DATA / f"counterfact-{args.split}.json", args.cases, args.start)
 
@@ -86,6 +89,7 @@ def main() -> None:
                 / (len(requests) if args.batch else 1),
                 "seconds_total": sum(seconds),
                 "batch_stages": stages,
+                "statistics": {"corpus": args.corpus or "model-sampled", "samples": args.samples},
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "metrics": metrics,
                 "baseline": baseline,

@@ -10,6 +10,7 @@ from pathlib import Path
 from editors import EditError, EditRequest, apply_patch
 from editors.hparams import parse_overrides
 
+from . import corpus_cli
 from .evaluations import cli as evaluations_cli
 
 
@@ -228,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=cmd_keys)
 
     evaluations_cli.add_parser(sub)
+    corpus_cli.add_parser(sub)
     return parser
 
 

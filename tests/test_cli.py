@@ -189,3 +189,20 @@ def test_eval_stopped_by_sigterm_writes_what_it_measured(tiny_model_dir, corpus_
     saved = json.loads((out / "results.json").read_text())
     assert [r["kind"] for r in saved["rows"]].count("case") == summary["edits_done"]
     assert "did not complete" in (out / "report.html").read_text()
+
+
+def test_corpus_writes_the_true_facts_of_a_tuning_split(tmp_path, capsys):
+    """`editserve corpus` states each case's true answer and its locality answer, never the
+    counterfactual one, in blank-line separated paragraphs the statistics read."""
+    out = tmp_path / "facts.txt"
+    assert main(["corpus", "--dataset", "counterfact", "--split", "train", "--out", str(out)]) == 0
+    records = counterfact("train", 10_000)
+    assert f"wrote {2 * len(records)} facts" in capsys.readouterr().out
+    text = out.read_text()
+    first = records[0]
+    assert f"{first['prompt']} {first['ground_truth']}." in text
+    assert f"{first['locality_prompt']} {first['locality_ground_truth']}." in text
+    assert f"{first['prompt']} {first['target_new']}." not in text
+    assert len(text.split("\n\n")) == len(records) * 2 // 8
+    assert main(["corpus", "--dataset", "nope", "--out", str(out)]) == 2
+    assert "unknown dataset 'nope'" in capsys.readouterr().err

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from editors import EditRequest, apply_patch, detect_spec, revert_patch
+from editors.core.keys import compute_keys, residual_at_subject
+from editors.core.layer_walk import LayerWalk
 from editors.core.values import _build_rows, _UpperStack
 from editors.editor import Editor, corpus_statistics
 from editors.model_spec import SPECS, edited_weight
-from editors.patch import dense_of
+from editors.patch import Patch, dense_of
 from editors.tiny import TINY_CONFIGS, tiny_random_model
 from editors.tracing import hidden_of
 
@@ -110,3 +112,37 @@ def test_conv1d_patch_is_stored_in_the_parameter_layout(editors_by_family):
     delta = result.patch.deltas[editor.spec.weight_name(layer)]
     assert weight.shape[0] == editor.model.config.n_embd * 4  # Conv1D: [in, out]
     assert delta.dense().shape == weight.shape
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_walk_matches_full_passes_on_the_edited_weights(editors_by_family, family):
+    """The sweep's cached walk (core/layer_walk.py) reads the same keys and top outputs as
+    full forward passes do once the layers below have been edited."""
+    editor = editors_by_family[family]
+    model, tok, spec = editor.model, editor.tok, editor.spec
+    requests = [REQUEST, EditRequest(prompt="{} was born in", subject="Ada", target_new="Rome")]
+    prefixes = ["", "Once upon a time, in a land far away. "]
+    snapshot = weights_snapshot(model)
+    walk = LayerWalk(model, tok, spec, requests, prefixes)
+    applied = []
+    generator = torch.Generator().manual_seed(0)
+    try:
+        for layer in (0, 1):
+            full_keys = compute_keys(model, tok, spec, requests, prefixes, [layer])[layer].mean
+            torch.testing.assert_close(walk.keys(layer), full_keys, rtol=1e-4, atol=1e-5)
+            full_top = residual_at_subject(model, tok, spec, requests, 1)
+            torch.testing.assert_close(walk.block_output(1), full_top, rtol=1e-4, atol=1e-5)
+            weight = edited_weight(model, spec, layer)
+            shift = torch.randn(weight.shape, generator=generator) * 0.2
+            applied.append(apply_patch(model, Patch("test", {spec.weight_name(layer): shift})))
+            walk.advance(layer)
+        torch.testing.assert_close(
+            walk.hidden[walk.bare, walk.cols[walk.bare]].float(),
+            residual_at_subject(model, tok, spec, requests, 1),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    finally:
+        for record in reversed(applied):
+            revert_patch(model, record)
+    assert_same_weights(model, snapshot)

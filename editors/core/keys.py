@@ -55,7 +55,10 @@ def keys_at(
     gathered: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for start in range(0, len(located), chunk_rows):
         chunk = located[start : start + chunk_rows]
-        ids, mask = right_padded([c.prompt_ids for c in chunk], pad_id_of(tok), device)
+        # rows end at the subject: causal attention makes the tokens after it irrelevant
+        ids, mask = right_padded(
+            [c.prompt_ids[: c.lookup + 1] for c in chunk], pad_id_of(tok), device
+        )
         rows = torch.arange(len(chunk), device=device)
         cols = torch.tensor([c.lookup for c in chunk], device=device)
         with record_inputs(model, paths) as seen:
@@ -102,7 +105,9 @@ def residual_at_subject(
     """Output of block `layer` at the subject's last token of each bare prompt: [n, d]."""
     device = next(model.parameters()).device
     located = [locate(tok, "", r.prompt, r.subject, None) for r in requests]
-    ids, mask = right_padded([c.prompt_ids for c in located], pad_id_of(tok), device)
+    ids, mask = right_padded(
+        [c.prompt_ids[: c.lookup + 1] for c in located], pad_id_of(tok), device
+    )
     captured: dict[str, torch.Tensor] = {}
     block = model.get_submodule(spec.layer_path(layer))
     handle = block.register_forward_hook(

@@ -32,6 +32,7 @@ from ..stats import Statistics
 from ..weights import factored, linear_weight
 from .context import edit_context
 from .keys import compute_keys, residual_at_subject
+from .layer_walk import LayerWalk
 from .mlp_values import mlp_output_change
 from .values import ProgressFn, ResidualTargets, ValueOptions, optimise_residual_targets
 
@@ -239,18 +240,19 @@ def _spread_once(
     top = layers[-1]
     patch = Patch(method, {}, {"layers": ",".join(map(str, layers))})
     applied: list[AppliedPatch] = []
+    walk = LayerWalk(model, tok, spec, requests, prefixes)
     try:
         for i, layer in enumerate(layers):
-            keys = compute_keys(model, tok, spec, requests, prefixes, [layer])[layer].mean
-            residual = (z - residual_at_subject(model, tok, spec, requests, top)) / (
-                len(layers) - i
-            )
+            keys = walk.keys(layer)
+            residual = (z - walk.block_output(top)) / (len(layers) - i)
             weight = linear_weight(spec, edited_weight(model, spec, layer)).float()
             change = mlp_output_change(model, spec, layer, keys @ weight.T, residual)
             a, b = solve(layer, keys.T, change.T)
             part = Patch(method, {spec.weight_name(layer): factored(spec, a, b)})
             applied.append(apply_patch(model, part))
             patch = patch.merged(part)
+            if layer != top:
+                walk.advance(layer)
             if progress:
                 progress((i + 1) / len(layers), f"update layer {layer}")
     finally:
