@@ -9,6 +9,7 @@ from pathlib import Path
 
 from editors.errors import EditError
 from editors.fact_corpus import write_fact_corpus
+from editors.requests import EditRequest
 
 from .evaluations.sources import benchmark_cases
 
@@ -30,6 +31,9 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     try:
         root = args.benchmark_dir or Settings().benchmark_dir
         cases = benchmark_cases(root, args.dataset, args.split, None)
+        if not all(isinstance(case, EditRequest) for case in cases):
+            print(f"error: {args.dataset} cases are not single facts", file=sys.stderr)
+            return 2
         count = write_fact_corpus(cases, args.out)
     except EditError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -206,3 +206,5 @@ def test_corpus_writes_the_true_facts_of_a_tuning_split(tmp_path, capsys):
     assert len(text.split("\n\n")) == len(records) * 2 // 8
     assert main(["corpus", "--dataset", "nope", "--out", str(out)]) == 2
     assert "unknown dataset 'nope'" in capsys.readouterr().err
+    assert main(["corpus", "--dataset", "mquake", "--split", "hard", "--out", str(out)]) == 2
+    assert "mquake cases are not single facts" in capsys.readouterr().err
