@@ -38,6 +38,9 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     except EditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"error: cannot write {args.out}: {exc.strerror}", file=sys.stderr)
+        return 2
     if count == 0:
         print(f"error: the {args.dataset}/{args.split} cases state no true facts", file=sys.stderr)
         return 2

@@ -208,3 +208,6 @@ def test_corpus_writes_the_true_facts_of_a_tuning_split(tmp_path, capsys):
     assert "unknown dataset 'nope'" in capsys.readouterr().err
     assert main(["corpus", "--dataset", "mquake", "--split", "hard", "--out", str(out)]) == 2
     assert "mquake cases are not single facts" in capsys.readouterr().err
+    missing = tmp_path / "no-such-folder" / "facts.txt"
+    assert main(["corpus", "--out", str(missing)]) == 2
+    assert f"cannot write {missing}" in capsys.readouterr().err
