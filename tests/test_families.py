@@ -117,13 +117,19 @@ def test_conv1d_patch_is_stored_in_the_parameter_layout(editors_by_family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_walk_matches_full_passes_on_the_edited_weights(editors_by_family, family):
     """The sweep's cached walk (core/layer_walk.py) reads the same keys and top outputs as
-    full forward passes do once the layers below have been edited."""
+    full forward passes do once the layers below have been edited, also when its passes run
+    over chunks of the requests (here two, the second shorter)."""
     editor = editors_by_family[family]
     model, tok, spec = editor.model, editor.tok, editor.spec
-    requests = [REQUEST, EditRequest(prompt="{} was born in", subject="Ada", target_new="Rome")]
+    requests = [
+        REQUEST,
+        EditRequest(prompt="{} was born in", subject="Ada", target_new="Rome"),
+        EditRequest(prompt="The capital city of {} is", subject="Kenya", target_new="Oslo"),
+    ]
     prefixes = ["", "Once upon a time, in a land far away. "]
     snapshot = weights_snapshot(model)
-    walk = LayerWalk(model, tok, spec, requests, prefixes)
+    walk = LayerWalk(model, tok, spec, requests, prefixes, chunk_rows=4)
+    assert [len(chunk.rows.cols) for chunk in walk.chunks] == [4, 2]
     applied = []
     generator = torch.Generator().manual_seed(0)
     try:
@@ -136,8 +142,9 @@ def test_layer_walk_matches_full_passes_on_the_edited_weights(editors_by_family,
             shift = torch.randn(weight.shape, generator=generator) * 0.2
             applied.append(apply_patch(model, Patch("test", {spec.weight_name(layer): shift})))
             walk.advance(layer)
+        cached = [c.hidden[c.bare, c.rows.cols[c.bare]].float() for c in walk.chunks]
         torch.testing.assert_close(
-            walk.hidden[walk.bare, walk.cols[walk.bare]].float(),
+            torch.cat(cached),
             residual_at_subject(model, tok, spec, requests, 1),
             rtol=1e-4,
             atol=1e-5,

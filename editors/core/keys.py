@@ -39,6 +39,32 @@ def pad_id_of(tok: PreTrainedTokenizerBase) -> int:
     return 0
 
 
+def located_rows(
+    tok: PreTrainedTokenizerBase, requests: list[EditRequest], prefixes: list[str]
+) -> list[PromptIds]:
+    """Every request under every context prefix, request-major (its prefixes in order)."""
+    return [locate(tok, p, r.prompt, r.subject, None) for r in requests for p in prefixes]
+
+
+@dataclass(frozen=True)
+class SubjectRows:
+    """Located prompts as one right-padded batch, each row ending at the subject's last
+    token (causal attention makes the tokens after it irrelevant), and that token's column."""
+
+    ids: torch.Tensor  # [rows, width]
+    mask: torch.Tensor  # [rows, width]
+    cols: torch.Tensor  # [rows]
+
+    @classmethod
+    def of(
+        cls, tok: PreTrainedTokenizerBase, located: list[PromptIds], device: torch.device
+    ) -> SubjectRows:
+        ids, mask = right_padded(
+            [c.prompt_ids[: c.lookup + 1] for c in located], pad_id_of(tok), device
+        )
+        return cls(ids, mask, torch.tensor([c.lookup for c in located], device=device))
+
+
 @torch.no_grad()
 def keys_at(
     model: PreTrainedModel,
@@ -54,23 +80,18 @@ def keys_at(
     paths = [spec.mlp_out_path(layer) for layer in layers]
     gathered: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for start in range(0, len(located), chunk_rows):
-        chunk = located[start : start + chunk_rows]
-        # rows end at the subject: causal attention makes the tokens after it irrelevant
-        ids, mask = right_padded(
-            [c.prompt_ids[: c.lookup + 1] for c in chunk], pad_id_of(tok), device
-        )
-        rows = torch.arange(len(chunk), device=device)
-        cols = torch.tensor([c.lookup for c in chunk], device=device)
+        chunk = SubjectRows.of(tok, located[start : start + chunk_rows], device)
+        rows = torch.arange(len(chunk.cols), device=device)
         with record_inputs(model, paths) as seen:
             forward_until(
                 model,
                 paths[layers.index(max(layers))],
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=chunk.ids,
+                attention_mask=chunk.mask,
                 use_cache=False,
             )
         for layer, path in zip(layers, paths, strict=True):
-            gathered[layer].append(seen[path][rows, cols].float())
+            gathered[layer].append(seen[path][rows, chunk.cols].float())
     return {layer: torch.cat(gathered[layer]) for layer in layers}
 
 
@@ -86,7 +107,7 @@ def compute_keys(
 
     `prefixes[0]` must be the empty prefix (the bare prompt).
     """
-    located = [locate(tok, p, r.prompt, r.subject, None) for r in requests for p in prefixes]
+    located = located_rows(tok, requests, prefixes)
     result = {}
     for layer, rows in keys_at(model, tok, spec, located, layers).items():
         per_row = rows.view(len(requests), len(prefixes), -1)
@@ -104,10 +125,7 @@ def residual_at_subject(
 ) -> torch.Tensor:
     """Output of block `layer` at the subject's last token of each bare prompt: [n, d]."""
     device = next(model.parameters()).device
-    located = [locate(tok, "", r.prompt, r.subject, None) for r in requests]
-    ids, mask = right_padded(
-        [c.prompt_ids[: c.lookup + 1] for c in located], pad_id_of(tok), device
-    )
+    bare = SubjectRows.of(tok, located_rows(tok, requests, [""]), device)
     captured: dict[str, torch.Tensor] = {}
     block = model.get_submodule(spec.layer_path(layer))
     handle = block.register_forward_hook(
@@ -115,10 +133,13 @@ def residual_at_subject(
     )
     try:
         forward_until(
-            model, spec.layer_path(layer), input_ids=ids, attention_mask=mask, use_cache=False
+            model,
+            spec.layer_path(layer),
+            input_ids=bare.ids,
+            attention_mask=bare.mask,
+            use_cache=False,
         )
     finally:
         handle.remove()
-    rows = torch.arange(len(located), device=device)
-    cols = torch.tensor([c.lookup for c in located], device=device)
-    return captured["h"][rows, cols].float()
+    rows = torch.arange(len(bare.cols), device=device)
+    return captured["h"][rows, bare.cols].float()

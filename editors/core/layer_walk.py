@@ -4,13 +4,16 @@ A sweep edits its layers in ascending order, and an edit at layer l changes noth
 it. So the hidden states entering the next edited layer are kept: that layer's keys run one
 block, the top residual runs only the blocks from it up, and after the edit one block brings
 the cache up to date. Rows end at the subject's last token, the only position read (causal
-attention makes the tokens after it irrelevant).
+attention makes the tokens after it irrelevant). The passes run over chunks of whole
+requests, so the activations of one pass stay bounded however large the batch; the cache
+holds one hidden state per row token, the least a walk can keep.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,9 +21,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..model_spec import ModelSpec, get_module
 from ..requests import EditRequest
-from ..tokens import locate
 from ..tracing import forward_until, frozen_below, hidden_of, record_inputs
-from .keys import pad_id_of, right_padded
+from .keys import SubjectRows, located_rows
+
+
+@dataclass
+class _Chunk:
+    rows: SubjectRows  # whole requests: each one's contexts, the bare prompt first
+    bare: torch.Tensor  # the bare prompts' row indices within the chunk
+    hidden: torch.Tensor | None = None  # output of the highest block walked past
+    example: Any = None  # one real block output: the structure stubs return
 
 
 class LayerWalk:
@@ -34,57 +44,70 @@ class LayerWalk:
         spec: ModelSpec,
         requests: list[EditRequest],
         prefixes: list[str],
+        chunk_rows: int = 64,
     ) -> None:
         self.model, self.spec = model, spec
         self.blocks = get_module(model, spec.layers)
         device = next(model.parameters()).device
-        located = [locate(tok, p, r.prompt, r.subject, None) for r in requests for p in prefixes]
-        self.ids, self.mask = right_padded(
-            [c.prompt_ids[: c.lookup + 1] for c in located], pad_id_of(tok), device
-        )
-        self.cols = torch.tensor([c.lookup for c in located], device=device)
+        located = located_rows(tok, requests, prefixes)
         self.requests, self.contexts = len(requests), len(prefixes)
-        self.bare = torch.arange(0, len(located), len(prefixes), device=device)
-        self.below = -1  # the block whose output `hidden` holds; -1: none walked yet
-        self.hidden: torch.Tensor | None = None
-        self.example: Any = None  # one real block output: the structure stubs return
+        step = max(chunk_rows // self.contexts, 1) * self.contexts
+        self.chunks = [
+            _Chunk(
+                SubjectRows.of(tok, located[start : start + step], device),
+                torch.arange(0, len(located[start : start + step]), self.contexts, device=device),
+            )
+            for start in range(0, len(located), step)
+        ]
+        self.below = -1  # the block whose output the chunks hold; -1: none walked yet
 
     @torch.no_grad()
     def keys(self, layer: int) -> torch.Tensor:
         """Prefix-averaged keys at `layer` [n, d_in]; `layer` must be above the walk."""
         path = self.spec.mlp_out_path(layer)
-        rows = torch.arange(self.ids.shape[0], device=self.ids.device)
-        with self._from_cache(rows), record_inputs(self.model, [path]) as seen:
-            forward_until(
-                self.model, path, input_ids=self.ids, attention_mask=self.mask, use_cache=False
-            )
-        keys = seen[path][rows, self.cols].float()
-        return keys.view(self.requests, self.contexts, -1).mean(dim=1)
+        found = []
+        for chunk in self.chunks:
+            rows = torch.arange(len(chunk.rows.cols), device=chunk.rows.ids.device)
+            with self._from_cache(chunk, rows), record_inputs(self.model, [path]) as seen:
+                forward_until(
+                    self.model,
+                    path,
+                    input_ids=chunk.rows.ids,
+                    attention_mask=chunk.rows.mask,
+                    use_cache=False,
+                )
+            found.append(seen[path][rows, chunk.rows.cols].float())
+        return torch.cat(found).view(self.requests, self.contexts, -1).mean(dim=1)
 
     @torch.no_grad()
     def block_output(self, layer: int) -> torch.Tensor:
         """Output of block `layer` at each bare prompt's subject [n, d]."""
-        out, _ = self._run_to(layer, self.bare)
-        return out[torch.arange(len(self.bare), device=out.device), self.cols[self.bare]].float()
+        outputs = []
+        for chunk in self.chunks:
+            out, _ = self._run_to(chunk, layer, chunk.bare)
+            picked = torch.arange(len(chunk.bare), device=out.device)
+            outputs.append(out[picked, chunk.rows.cols[chunk.bare]].float())
+        return torch.cat(outputs)
 
     @torch.no_grad()
     def advance(self, layer: int) -> None:
         """Walk past block `layer` (on the current weights, after its edit)."""
-        rows = torch.arange(self.ids.shape[0], device=self.ids.device)
-        self.hidden, self.example = self._run_to(layer, rows)
+        for chunk in self.chunks:
+            rows = torch.arange(len(chunk.rows.cols), device=chunk.rows.ids.device)
+            chunk.hidden, chunk.example = self._run_to(chunk, layer, rows)
         self.below = layer
 
-    def _run_to(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def _run_to(self, chunk: _Chunk, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, Any]:
         captured: dict[str, Any] = {}
         block = self.blocks[layer]
         handle = block.register_forward_hook(lambda _m, _a, out: captured.setdefault("out", out))
         try:
-            with self._from_cache(rows):
+            with self._from_cache(chunk, rows):
                 forward_until(
                     self.model,
                     self.spec.layer_path(layer),
-                    input_ids=self.ids[rows],
-                    attention_mask=self.mask[rows],
+                    input_ids=chunk.rows.ids[rows],
+                    attention_mask=chunk.rows.mask[rows],
                     use_cache=False,
                 )
         finally:
@@ -92,10 +115,10 @@ class LayerWalk:
         return hidden_of(captured["out"]).detach(), captured["out"]
 
     @contextmanager
-    def _from_cache(self, rows: torch.Tensor) -> Iterator[None]:
-        if self.hidden is None:
+    def _from_cache(self, chunk: _Chunk, rows: torch.Tensor) -> Iterator[None]:
+        if chunk.hidden is None:
             yield
             return
-        hidden = self.hidden[rows]
-        with frozen_below(self.blocks, self.below, lambda: hidden, self.example):
+        hidden = chunk.hidden[rows]
+        with frozen_below(self.blocks, self.below, lambda: hidden, chunk.example):
             yield

@@ -174,7 +174,9 @@ def sweep_over_layers(
     applied: list[AppliedPatch] = []
     keys: dict[int, torch.Tensor] = {}
     try:
-        start_gap = gap = _gap_to(z, model, tok, spec, requests, top)
+        # the top output measured after each sweep is the next sweep's first residual
+        top_output = residual_at_subject(model, tok, spec, requests, top)
+        start_gap = gap = (z - top_output).norm(dim=1)
         open_ = list(range(len(requests)))  # the first sweep carries every request
         for sweep in range(sweeps.iterations):
             if not open_:
@@ -192,13 +194,15 @@ def sweep_over_layers(
                 prefixes,
                 layers,
                 z[open_],
+                top_output[open_],
                 solve,
                 method,
                 report,
             )
             applied.append(apply_patch(model, part))
             patch = patch.merged(part)
-            gap = _gap_to(z, model, tok, spec, requests, top)
+            top_output = residual_at_subject(model, tok, spec, requests, top)
+            gap = (z - top_output).norm(dim=1)
             open_ = torch.nonzero(gap > sweeps.tolerance * start_gap).squeeze(1).tolist()
         left = (gap / start_gap.clamp_min(1e-12)).tolist()
         if sweeps.keys:
@@ -212,18 +216,6 @@ def sweep_over_layers(
     return SweepResult(patch, len(applied), left, keys)
 
 
-def _gap_to(
-    z: torch.Tensor,
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    spec: ModelSpec,
-    requests: list[EditRequest],
-    top: int,
-) -> torch.Tensor:
-    """|z - h| per request, h the current output of block `top` at the subject."""
-    return (z - residual_at_subject(model, tok, spec, requests, top)).norm(dim=1)
-
-
 def _spread_once(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -232,11 +224,13 @@ def _spread_once(
     prefixes: list[str],
     layers: list[int],
     z: torch.Tensor,
+    top_output: torch.Tensor,
     solve: LayerSolve,
     method: str,
     progress: ProgressFn | None = None,
 ) -> Patch:
-    """One sweep: the patch over `layers`; the model is left as it was."""
+    """One sweep: the patch over `layers`; the model is left as it was. `top_output` is the
+    top block's output at the subjects on the current weights (measured by the caller)."""
     top = layers[-1]
     patch = Patch(method, {}, {"layers": ",".join(map(str, layers))})
     applied: list[AppliedPatch] = []
@@ -244,7 +238,9 @@ def _spread_once(
     try:
         for i, layer in enumerate(layers):
             keys = walk.keys(layer)
-            residual = (z - walk.block_output(top)) / (len(layers) - i)
+            # below the first edit the top output is the caller's; above, the walk's
+            reached = top_output if i == 0 else walk.block_output(top)
+            residual = (z - reached) / (len(layers) - i)
             weight = linear_weight(spec, edited_weight(model, spec, layer)).float()
             change = mlp_output_change(model, spec, layer, keys @ weight.T, residual)
             a, b = solve(layer, keys.T, change.T)
