@@ -12,10 +12,16 @@ Three changes to MEMIT's recipe, each against a failure of long edit sequences:
   iterative editing   the layer sweep is repeated for the requests whose top-layer output is
                       still far from z (|z - h| > tolerance |z - h_start|), with neurons
                       selected again from the keys of those requests.
+
+A landing check (ours, off unless `landing_prob` > 0): a target found on the rewound weights
+can stop saying the new answer on weights that carry hundreds of edits, though the sweeps
+reach it. So the requests whose P(target) on the edited weights is still below
+`landing_prob` get a target optimised on the edited weights and sweeps of their own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,13 +31,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .core.context import edit_context
 from .core.history import earlier_keys, rewound
+from .core.keys import compute_keys
 from .core.spread import Factors, Sweeps, sweep_over_layers, top_layer_targets
 from .core.updates import least_squares_update, neurons_carrying
-from .core.values import ProgressFn
+from .core.values import ProgressFn, ValueOptions, optimise_residual_targets
 from .errors import UnknownHyperparameterError
 from .hparams import SequentialHyperParams
 from .model_spec import ModelSpec
-from .patch import Patch
+from .patch import Patch, apply_patch, revert_patch
 from .requests import EditRequest
 from .result import Diagnostics, EditResult
 from .stats import Statistics
@@ -42,12 +49,19 @@ class NSEHyperParams(SequentialHyperParams):
     neuron_share: float = 0.8  # the selected neurons carry this share of |activation|
     iterations: int = 3  # the paper's iterative editing
     rewind: bool = True  # optimise the targets on the weights before the history (the paper)
+    # requests whose P(target) on the edited weights (geometric mean over the contexts) is
+    # below this get a target on the edited weights and more sweeps; 0: no landing check
+    landing_prob: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.neuron_share <= 1:
             raise UnknownHyperparameterError(
                 "neuron_share must lie in (0, 1]", field="neuron_share"
+            )
+        if not 0 <= self.landing_prob < 1:
+            raise UnknownHyperparameterError(
+                "landing_prob must lie in [0, 1)", field="landing_prob"
             )
 
 
@@ -108,15 +122,61 @@ def compute(
         return a, b
 
     t1 = time.perf_counter()
-    sweeps = Sweeps(hparams.iterations, hparams.tolerance, keys=True)
+    checking = hparams.landing_prob > 0
+    sweeps = Sweeps(hparams.iterations, hparams.tolerance, keys=not checking)
     swept = sweep_over_layers(
-        model, tok, spec, requests, prefixes, layers, z, solve, "nse", sweeps, report(0.6, 1.0)
-    )
+        model, tok, spec, requests, prefixes, layers, z, solve, "nse", sweeps,
+        report(0.6, 0.8 if checking else 1.0),
+    )  # fmt: skip
     patch = swept.patch
     patch.keys = swept.keys
     diagnostics.extra["sweeps"] = swept.sweeps
     diagnostics.extra["target_gap_left"] = swept.left
     diagnostics.seconds["update"] = time.perf_counter() - t1
+    if checking:
+        t2 = time.perf_counter()
+        applied = [apply_patch(model, patch)]
+        try:
+            look = dataclasses.replace(hparams.value_options, steps=1)
+            missed = _not_landed(model, tok, spec, requests, prefixes, top, look, hparams)
+            diagnostics.extra["landing_missed"] = missed
+            if missed:
+                again = [requests[i] for i in missed]
+                z_again, _ = top_layer_targets(
+                    model, tok, spec, again, prefixes, top, hparams.value_options,
+                    report(0.8, 0.9),
+                )  # fmt: skip
+                retry = Sweeps(hparams.iterations, hparams.tolerance)
+                second = sweep_over_layers(
+                    model, tok, spec, again, prefixes, layers, z_again, solve, "nse", retry,
+                    report(0.9, 1.0),
+                ).patch  # fmt: skip
+                applied.append(apply_patch(model, second))
+                patch = patch.merged(second)
+            # the keys the history protects: every request's, on the final edited weights
+            found = compute_keys(model, tok, spec, requests, prefixes, layers)
+        finally:
+            for record in reversed(applied):
+                revert_patch(model, record)
+        patch.keys = {layer: found[layer].mean.T.float().contiguous() for layer in layers}
+        diagnostics.seconds["landing"] = time.perf_counter() - t2
     diagnostics.delta_norms = patch.delta_norms()
     diagnostics.seconds["total"] = time.perf_counter() - started
     return EditResult(patch, diagnostics)
+
+
+def _not_landed(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    requests: list[EditRequest],
+    prefixes: list[str],
+    top: int,
+    look: ValueOptions,
+    hparams: NSEHyperParams,
+) -> list[int]:
+    """Indices of the requests whose P(target) on the current weights (geometric mean over
+    their contexts) is below `hparams.landing_prob`: the value optimisation's first look
+    (`look` has one step), which scores and does not optimise."""
+    probe = optimise_residual_targets(model, tok, spec, requests, prefixes, top, look)
+    return [i for i, p in enumerate(probe.prob_before) if p < hparams.landing_prob]

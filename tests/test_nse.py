@@ -9,6 +9,7 @@ import torch
 from editors import EditRequest, apply_patch, revert_patch
 from editors.core.history import rewound
 from editors.core.updates import neurons_carrying
+from editors.core.values import ValueOptions, optimise_residual_targets
 from editors.errors import UnknownHyperparameterError
 from editors.nse import NSEHyperParams
 from editors.patch import FactoredDelta
@@ -78,6 +79,44 @@ def test_targets_come_from_the_rewound_weights_and_earlier_keys_are_protected(ed
     assert moved_after < moved_alone
 
 
+def _p_target(editor, request) -> float:
+    """P(target) of `request` on the editor's current weights (one scoring look)."""
+    look = ValueOptions(steps=1)
+    probe = optimise_residual_targets(
+        editor.model, editor.tok, editor.spec, [request], [""], 2, look
+    )
+    return probe.prob_before[0]
+
+
+def test_the_landing_check_retargets_a_request_that_missed_on_the_edited_weights(editor):
+    """With the bar above what the rewound target reaches on weights carrying an earlier
+    edit, the request gets a target on the edited weights and sweeps of its own: it ends
+    more likely to say the new answer than without the check, its keys are still kept for
+    the history, and computing leaves the model alone."""
+    snapshot = weights_snapshot(editor.model)
+    first = editor.compute([FIRST], "nse", FAST)
+    applied = apply_patch(editor.model, first.patch)
+    try:
+        plain = editor.compute([SECOND], "nse", FAST, history=[first.patch])
+        checked = editor.compute(
+            [SECOND], "nse", {**FAST, "landing_prob": 0.999}, history=[first.patch]
+        )
+        probs = {}
+        for name, result in (("plain", plain), ("checked", checked)):
+            record = apply_patch(editor.model, result.patch)
+            probs[name] = _p_target(editor, SECOND)
+            revert_patch(editor.model, record)
+    finally:
+        revert_patch(editor.model, applied)
+    assert_same_weights(editor.model, snapshot)
+    assert "landing_missed" not in plain.diagnostics.extra  # off by default
+    assert checked.diagnostics.extra["landing_missed"] == [0]
+    assert probs["plain"] < 0.999
+    assert probs["checked"] > probs["plain"], probs
+    assert sorted(checked.patch.keys) == [1, 2] and checked.patch.keys[2].shape[1] == 1
+    assert checked.diagnostics.seconds["landing"] > 0
+
+
 def test_bad_nse_hyperparameters_are_named():
     for overrides, field in (
         ({"neuron_share": 0.0}, "neuron_share"),
@@ -85,6 +124,8 @@ def test_bad_nse_hyperparameters_are_named():
         ({"iterations": 0}, "iterations"),
         ({"tolerance": 1.0}, "tolerance"),
         ({"mom2_update_weight": -1.0}, "mom2_update_weight"),
+        ({"landing_prob": 1.0}, "landing_prob"),
+        ({"landing_prob": -0.1}, "landing_prob"),
     ):
         with pytest.raises(UnknownHyperparameterError) as caught:
             NSEHyperParams(**overrides)
