@@ -22,6 +22,7 @@ reach it. So the requests whose P(target) on the edited weights is still below
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,12 +30,13 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .core.answers import target_probabilities
 from .core.context import edit_context
 from .core.history import earlier_keys, rewound
 from .core.keys import compute_keys
-from .core.spread import Factors, Sweeps, sweep_over_layers, top_layer_targets
+from .core.spread import Factors, LayerSolve, Sweeps, sweep_over_layers, top_layer_targets
 from .core.updates import least_squares_update, neurons_carrying
-from .core.values import ProgressFn, ValueOptions, optimise_residual_targets
+from .core.values import ProgressFn
 from .errors import UnknownHyperparameterError
 from .hparams import SequentialHyperParams
 from .model_spec import ModelSpec
@@ -52,6 +54,9 @@ class NSEHyperParams(SequentialHyperParams):
     # requests whose P(target) on the edited weights (geometric mean over the contexts) is
     # below this get a target on the edited weights and more sweeps; 0: no landing check
     landing_prob: float = 0.0
+    # the retargeted requests' targets stop once every context says the target with this
+    # probability; 0: the value options' stop_nll
+    landing_target_prob: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,6 +67,11 @@ class NSEHyperParams(SequentialHyperParams):
         if not 0 <= self.landing_prob < 1:
             raise UnknownHyperparameterError(
                 "landing_prob must lie in [0, 1)", field="landing_prob"
+            )
+        if self.landing_target_prob and not self.landing_prob < self.landing_target_prob < 1:
+            raise UnknownHyperparameterError(
+                "landing_target_prob must be 0 or lie in (landing_prob, 1)",
+                field="landing_target_prob",
             )
 
 
@@ -85,17 +95,17 @@ def compute(
     top = layers[-1]
     diagnostics = Diagnostics(method="nse", layers=layers, prefixes=prefixes)
 
-    def report(low: float, high: float) -> ProgressFn:
-        def at(fraction: float, stage: str) -> None:
-            if progress:
-                progress(low + (high - low) * fraction, stage)
-
-        return at
-
     t0 = time.perf_counter()
     with rewound(model, history if hparams.rewind else ()):
         z, targets = top_layer_targets(
-            model, tok, spec, requests, prefixes, top, hparams.value_options, report(0.0, 0.6)
+            model,
+            tok,
+            spec,
+            requests,
+            prefixes,
+            top,
+            hparams.value_options,
+            _part(progress, 0.0, 0.6),
         )
     diagnostics.seconds["values"] = time.perf_counter() - t0
     diagnostics.steps, diagnostics.losses = targets.steps, targets.losses
@@ -124,10 +134,10 @@ def compute(
     t1 = time.perf_counter()
     checking = hparams.landing_prob > 0
     sweeps = Sweeps(hparams.iterations, hparams.tolerance, keys=not checking)
+    update_progress = _part(progress, 0.6, 0.8 if checking else 1.0)
     swept = sweep_over_layers(
-        model, tok, spec, requests, prefixes, layers, z, solve, "nse", sweeps,
-        report(0.6, 0.8 if checking else 1.0),
-    )  # fmt: skip
+        model, tok, spec, requests, prefixes, layers, z, solve, "nse", sweeps, update_progress
+    )
     patch = swept.patch
     patch.keys = swept.keys
     diagnostics.extra["sweeps"] = swept.sweeps
@@ -135,48 +145,79 @@ def compute(
     diagnostics.seconds["update"] = time.perf_counter() - t1
     if checking:
         t2 = time.perf_counter()
-        applied = [apply_patch(model, patch)]
-        try:
-            look = dataclasses.replace(hparams.value_options, steps=1)
-            missed = _not_landed(model, tok, spec, requests, prefixes, top, look, hparams)
-            diagnostics.extra["landing_missed"] = missed
-            if missed:
-                again = [requests[i] for i in missed]
-                z_again, _ = top_layer_targets(
-                    model, tok, spec, again, prefixes, top, hparams.value_options,
-                    report(0.8, 0.9),
-                )  # fmt: skip
-                retry = Sweeps(hparams.iterations, hparams.tolerance)
-                second = sweep_over_layers(
-                    model, tok, spec, again, prefixes, layers, z_again, solve, "nse", retry,
-                    report(0.9, 1.0),
-                ).patch  # fmt: skip
-                applied.append(apply_patch(model, second))
-                patch = patch.merged(second)
-            # the keys the history protects: every request's, on the final edited weights
-            found = compute_keys(model, tok, spec, requests, prefixes, layers)
-        finally:
-            for record in reversed(applied):
-                revert_patch(model, record)
-        patch.keys = {layer: found[layer].mean.T.float().contiguous() for layer in layers}
+        landing = _Landing(model, tok, spec, requests, prefixes, layers, solve, hparams)
+        patch, diagnostics.extra["landing_missed"] = landing.land(patch, _part(progress, 0.8, 1.0))
         diagnostics.seconds["landing"] = time.perf_counter() - t2
     diagnostics.delta_norms = patch.delta_norms()
     diagnostics.seconds["total"] = time.perf_counter() - started
     return EditResult(patch, diagnostics)
 
 
-def _not_landed(
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    spec: ModelSpec,
-    requests: list[EditRequest],
-    prefixes: list[str],
-    top: int,
-    look: ValueOptions,
-    hparams: NSEHyperParams,
-) -> list[int]:
-    """Indices of the requests whose P(target) on the current weights (geometric mean over
-    their contexts) is below `hparams.landing_prob`: the value optimisation's first look
-    (`look` has one step), which scores and does not optimise."""
-    probe = optimise_residual_targets(model, tok, spec, requests, prefixes, top, look)
-    return [i for i, p in enumerate(probe.prob_before) if p < hparams.landing_prob]
+@dataclass(frozen=True)
+class _Landing:
+    """The landing check: on the weights `patch` makes, the requests whose P(target) is
+    below `landing_prob` get a target optimised there and sweeps of their own."""
+
+    model: PreTrainedModel
+    tok: PreTrainedTokenizerBase
+    spec: ModelSpec
+    requests: list[EditRequest]
+    prefixes: list[str]
+    layers: list[int]
+    solve: LayerSolve
+    hparams: NSEHyperParams
+
+    def land(self, patch: Patch, progress: ProgressFn) -> tuple[Patch, list[int]]:
+        """`patch` with the missed requests' second edit merged in, and their indices. The
+        patch's keys (what the history protects) are every request's on the final weights;
+        the model is left as it was."""
+        applied = [apply_patch(self.model, patch)]
+        try:
+            probs = target_probabilities(self.model, self.tok, self.requests, self.prefixes)
+            missed = [i for i, p in enumerate(probs) if p < self.hparams.landing_prob]
+            if missed:
+                second = self._retarget([self.requests[i] for i in missed], progress)
+                applied.append(apply_patch(self.model, second))
+                patch = patch.merged(second)
+            found = compute_keys(
+                self.model, self.tok, self.spec, self.requests, self.prefixes, self.layers
+            )
+        finally:
+            for record in reversed(applied):
+                revert_patch(self.model, record)
+        patch.keys = {layer: found[layer].mean.T.float().contiguous() for layer in self.layers}
+        progress(1.0, "landing check")
+        return patch, missed
+
+    def _retarget(self, again: list[EditRequest], progress: ProgressFn) -> Patch:
+        hp, model, tok, spec, layers = self.hparams, self.model, self.tok, self.spec, self.layers
+        options = hp.value_options
+        if hp.landing_target_prob > 0:
+            options = dataclasses.replace(options, stop_nll=-math.log(hp.landing_target_prob))
+        z, _ = top_layer_targets(
+            model, tok, spec, again, self.prefixes, layers[-1], options, _part(progress, 0, 0.5)
+        )
+        sweeps = Sweeps(hp.iterations, hp.tolerance)
+        return sweep_over_layers(
+            model,
+            tok,
+            spec,
+            again,
+            self.prefixes,
+            layers,
+            z,
+            self.solve,
+            "nse",
+            sweeps,
+            _part(progress, 0.5, 1.0),
+        ).patch
+
+
+def _part(progress: ProgressFn | None, low: float, high: float) -> ProgressFn:
+    """`progress` over the share [low, high] of the job."""
+
+    def at(fraction: float, stage: str) -> None:
+        if progress:
+            progress(low + (high - low) * fraction, stage)
+
+    return at

@@ -7,14 +7,16 @@ import pytest
 import torch
 
 from editors import EditRequest, apply_patch, revert_patch
+from editors.core.answers import target_probabilities
 from editors.core.history import rewound
 from editors.core.updates import neurons_carrying
 from editors.core.values import ValueOptions, optimise_residual_targets
+from editors.datasets import counterfact_request
 from editors.errors import UnknownHyperparameterError
 from editors.nse import NSEHyperParams
 from editors.patch import FactoredDelta
 
-from .conftest import assert_same_weights, weights_snapshot
+from .conftest import assert_same_weights, counterfact, weights_snapshot
 
 FAST = {"steps": 10, "prefixes": 0, "layers": [1, 2]}
 FIRST = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")
@@ -80,12 +82,22 @@ def test_targets_come_from_the_rewound_weights_and_earlier_keys_are_protected(ed
 
 
 def _p_target(editor, request) -> float:
-    """P(target) of `request` on the editor's current weights (one scoring look)."""
-    look = ValueOptions(steps=1)
-    probe = optimise_residual_targets(
-        editor.model, editor.tok, editor.spec, [request], [""], 2, look
+    """P(target) of `request` on the editor's current weights."""
+    return target_probabilities(editor.model, editor.tok, [request], [""])[0]
+
+
+def test_the_landing_scorer_agrees_with_the_value_optimisations_first_look(editor):
+    """The landing check scores P(target) with one plain forward pass; it must be the
+    figure the value optimisation starts from (geometric mean over the contexts)."""
+    prefixes = ["", "Here is a fact. ", "Yesterday I read that "]
+    requests = [FIRST, SECOND]
+    look = optimise_residual_targets(
+        editor.model, editor.tok, editor.spec, requests, prefixes, 2, ValueOptions(steps=1)
     )
-    return probe.prob_before[0]
+    scored = target_probabilities(editor.model, editor.tok, requests, prefixes)
+    assert scored == pytest.approx(look.prob_before, rel=1e-4)
+    alone = target_probabilities(editor.model, editor.tok, [SECOND], prefixes)
+    assert alone[0] == pytest.approx(scored[1], rel=1e-4)  # rows do not mix
 
 
 def test_the_landing_check_retargets_a_request_that_missed_on_the_edited_weights(editor):
@@ -117,6 +129,38 @@ def test_the_landing_check_retargets_a_request_that_missed_on_the_edited_weights
     assert checked.diagnostics.seconds["landing"] > 0
 
 
+@pytest.mark.slow
+def test_a_landing_target_probability_retargets_only_as_far_as_it_asks(smollm2_editor):
+    """On SmolLM2, after an earlier edit: a request the batch edit leaves below the bar is
+    retargeted, and a retarget that stops at a lower probability lands above the bar too,
+    with a smaller weight change than one that goes to the value options' stop."""
+    editor = smollm2_editor
+    earlier = [FIRST, counterfact_request(counterfact("train", 1, start=60)[0])]
+    first = editor.compute(earlier, "nse", {"prefixes": 0})
+    second = [counterfact_request(r) for r in counterfact("train", 3, start=61)]
+    checks = {
+        "full": {"prefixes": 0, "landing_prob": 0.6},
+        "part": {"prefixes": 0, "landing_prob": 0.6, "landing_target_prob": 0.7},
+    }
+    snapshot = weights_snapshot(editor.model)
+    applied = apply_patch(editor.model, first.patch)
+    try:
+        results, landed = {}, {}
+        for name, check in checks.items():
+            results[name] = editor.compute(second, "nse", check, history=[first.patch])
+            record = apply_patch(editor.model, results[name].patch)
+            landed[name] = target_probabilities(editor.model, editor.tok, second, [""])
+            revert_patch(editor.model, record)
+    finally:
+        revert_patch(editor.model, applied)
+    assert_same_weights(editor.model, snapshot)
+    assert results["full"].diagnostics.extra["landing_missed"] == [0]
+    assert results["part"].diagnostics.extra["landing_missed"] == [0]
+    assert min(landed["part"]) > 0.6 and min(landed["full"]) > 0.6, landed
+    moved = {name: sum(result.diagnostics.delta_norms.values()) for name, result in results.items()}
+    assert moved["part"] < moved["full"], moved
+
+
 def test_bad_nse_hyperparameters_are_named():
     for overrides, field in (
         ({"neuron_share": 0.0}, "neuron_share"),
@@ -126,6 +170,8 @@ def test_bad_nse_hyperparameters_are_named():
         ({"mom2_update_weight": -1.0}, "mom2_update_weight"),
         ({"landing_prob": 1.0}, "landing_prob"),
         ({"landing_prob": -0.1}, "landing_prob"),
+        ({"landing_prob": 0.5, "landing_target_prob": 0.4}, "landing_target_prob"),
+        ({"landing_target_prob": 1.0}, "landing_target_prob"),
     ):
         with pytest.raises(UnknownHyperparameterError) as caught:
             NSEHyperParams(**overrides)
