@@ -128,9 +128,16 @@ class SpreadHyperParams(LocateEditHyperParams):
     # `tolerance` of their starting distance from the target (see core/spread.py)
     iterations: int = 1
     tolerance: float = 0.1
+    # 0: off; else no layer is asked for more than this many times its even share of the
+    # sweep's starting distance to z, so one layer's overshoot cannot grow the next's task
+    layer_share_cap: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.layer_share_cap < 0:
+            raise UnknownHyperparameterError(
+                "layer_share_cap must not be negative", field="layer_share_cap"
+            )
         if self.iterations < 1:
             raise UnknownHyperparameterError("iterations must be at least 1", field="iterations")
         if not 0 <= self.tolerance < 1:

@@ -36,7 +36,7 @@ from .core.history import earlier_keys, rewound
 from .core.keys import compute_keys
 from .core.spread import Factors, LayerSolve, Sweeps, sweep_over_layers, top_layer_targets
 from .core.updates import least_squares_update, neurons_carrying
-from .core.values import ProgressFn
+from .core.values import ProgressFn, progress_share
 from .errors import UnknownHyperparameterError
 from .hparams import SequentialHyperParams
 from .model_spec import ModelSpec
@@ -105,7 +105,7 @@ def compute(
             prefixes,
             top,
             hparams.value_options,
-            _part(progress, 0.0, 0.6),
+            progress_share(progress, 0.0, 0.6),
         )
     diagnostics.seconds["values"] = time.perf_counter() - t0
     diagnostics.steps, diagnostics.losses = targets.steps, targets.losses
@@ -133,8 +133,8 @@ def compute(
 
     t1 = time.perf_counter()
     checking = hparams.landing_prob > 0
-    sweeps = Sweeps(hparams.iterations, hparams.tolerance, keys=not checking)
-    update_progress = _part(progress, 0.6, 0.8 if checking else 1.0)
+    sweeps = Sweeps(hparams.iterations, hparams.tolerance, not checking, hparams.layer_share_cap)
+    update_progress = progress_share(progress, 0.6, 0.8 if checking else 1.0)
     swept = sweep_over_layers(
         model, tok, spec, requests, prefixes, layers, z, solve, "nse", sweeps, update_progress
     )
@@ -146,7 +146,9 @@ def compute(
     if checking:
         t2 = time.perf_counter()
         landing = _Landing(model, tok, spec, requests, prefixes, layers, solve, hparams)
-        patch, diagnostics.extra["landing_missed"] = landing.land(patch, _part(progress, 0.8, 1.0))
+        patch, diagnostics.extra["landing_missed"] = landing.land(
+            patch, progress_share(progress, 0.8, 1.0)
+        )
         diagnostics.seconds["landing"] = time.perf_counter() - t2
     diagnostics.delta_norms = patch.delta_norms()
     diagnostics.seconds["total"] = time.perf_counter() - started
@@ -195,9 +197,16 @@ class _Landing:
         if hp.landing_target_prob > 0:
             options = dataclasses.replace(options, stop_nll=-math.log(hp.landing_target_prob))
         z, _ = top_layer_targets(
-            model, tok, spec, again, self.prefixes, layers[-1], options, _part(progress, 0, 0.5)
+            model,
+            tok,
+            spec,
+            again,
+            self.prefixes,
+            layers[-1],
+            options,
+            progress_share(progress, 0, 0.5),
         )
-        sweeps = Sweeps(hp.iterations, hp.tolerance)
+        sweeps = Sweeps(hp.iterations, hp.tolerance, share_cap=hp.layer_share_cap)
         return sweep_over_layers(
             model,
             tok,
@@ -209,15 +218,5 @@ class _Landing:
             self.solve,
             "nse",
             sweeps,
-            _part(progress, 0.5, 1.0),
+            progress_share(progress, 0.5, 1.0),
         ).patch
-
-
-def _part(progress: ProgressFn | None, low: float, high: float) -> ProgressFn:
-    """`progress` over the share [low, high] of the job."""
-
-    def at(fraction: float, stage: str) -> None:
-        if progress:
-            progress(low + (high - low) * fraction, stage)
-
-    return at

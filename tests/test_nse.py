@@ -166,6 +166,7 @@ def test_bad_nse_hyperparameters_are_named():
         ({"neuron_share": 0.0}, "neuron_share"),
         ({"neuron_share": 1.5}, "neuron_share"),
         ({"iterations": 0}, "iterations"),
+        ({"layer_share_cap": -1.0}, "layer_share_cap"),
         ({"tolerance": 1.0}, "tolerance"),
         ({"mom2_update_weight": -1.0}, "mom2_update_weight"),
         ({"landing_prob": 1.0}, "landing_prob"),

@@ -34,7 +34,13 @@ from .context import edit_context
 from .keys import compute_keys, residual_at_subject
 from .layer_walk import LayerWalk
 from .mlp_values import mlp_output_change
-from .values import ProgressFn, ResidualTargets, ValueOptions, optimise_residual_targets
+from .values import (
+    ProgressFn,
+    ResidualTargets,
+    ValueOptions,
+    optimise_residual_targets,
+    progress_share,
+)
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # A [d_out, r], B [d_in, r]: W += A @ B.T
 # (layer, keys [d_in, n], wanted MLP-output changes [d_out, n]) -> the layer's update
@@ -66,15 +72,15 @@ def spread_edit(
     t0 = time.perf_counter()
     diagnostics.seconds["prepare"] = t0 - started
 
-    def share(low: float, high: float) -> ProgressFn:
-        def report(fraction: float, stage: str) -> None:
-            if progress:
-                progress(low + (high - low) * fraction, stage)
-
-        return report
-
     z, targets = top_layer_targets(
-        model, tok, spec, requests, prefixes, top, hparams.value_options, share(0.0, 0.8)
+        model,
+        tok,
+        spec,
+        requests,
+        prefixes,
+        top,
+        hparams.value_options,
+        progress_share(progress, 0.0, 0.8),
     )
     diagnostics.seconds["values"] = time.perf_counter() - t0
     diagnostics.steps = targets.steps
@@ -92,8 +98,8 @@ def spread_edit(
         z,
         solve,
         method,
-        Sweeps(hparams.iterations, hparams.tolerance, keep_keys),
-        share(0.8, 1.0),
+        Sweeps(hparams.iterations, hparams.tolerance, keep_keys, hparams.layer_share_cap),
+        progress_share(progress, 0.8, 1.0),
     )
     patch = swept.patch
     if keep_keys:
@@ -144,6 +150,7 @@ class Sweeps:
     iterations: int  # most sweeps
     tolerance: float  # a request is done when |z - h| <= tolerance * |z - h before the edit|
     keys: bool = False  # also return the requests' keys on the edited weights
+    share_cap: float = 0.0  # see SpreadHyperParams.layer_share_cap; 0: off
 
 
 @dataclass
@@ -197,6 +204,7 @@ def sweep_over_layers(
                 top_output[open_],
                 solve,
                 method,
+                sweeps.share_cap,
                 report,
             )
             applied.append(apply_patch(model, part))
@@ -227,20 +235,26 @@ def _spread_once(
     top_output: torch.Tensor,
     solve: LayerSolve,
     method: str,
+    share_cap: float = 0.0,
     progress: ProgressFn | None = None,
 ) -> Patch:
     """One sweep: the patch over `layers`; the model is left as it was. `top_output` is the
-    top block's output at the subjects on the current weights (measured by the caller)."""
+    top block's output at the subjects on the current weights (measured by the caller).
+    With `share_cap` > 0 each layer's residual is cut to at most share_cap |z - top_output|
+    / len(layers) per request."""
     top = layers[-1]
     patch = Patch(method, {}, {"layers": ",".join(map(str, layers))})
     applied: list[AppliedPatch] = []
     walk = LayerWalk(model, tok, spec, requests, prefixes)
+    gap = (z - top_output).norm(dim=1, keepdim=True)
     try:
         for i, layer in enumerate(layers):
             keys = walk.keys(layer)
             # below the first edit the top output is the caller's; above, the walk's
             reached = top_output if i == 0 else walk.block_output(top)
             residual = (z - reached) / (len(layers) - i)
+            if share_cap > 0:
+                residual = _capped(residual, share_cap * gap / len(layers))
             weight = linear_weight(spec, edited_weight(model, spec, layer)).float()
             change = mlp_output_change(model, spec, layer, keys @ weight.T, residual)
             a, b = solve(layer, keys.T, change.T)
@@ -255,3 +269,9 @@ def _spread_once(
         for record in reversed(applied):
             revert_patch(model, record)
     return patch
+
+
+def _capped(rows: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Each row of `rows` scaled down to a norm of at most `limit` (one per row)."""
+    norms = rows.norm(dim=1, keepdim=True)
+    return rows * torch.clamp(limit / norms.clamp_min(1e-12), max=1.0)

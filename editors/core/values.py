@@ -35,6 +35,16 @@ KL_TEMPLATE = "{} is a"
 ProgressFn = Callable[[float, str], None]
 
 
+def progress_share(progress: ProgressFn | None, low: float, high: float) -> ProgressFn:
+    """`progress` for a step that makes up the share [low, high] of the job."""
+
+    def report(fraction: float, stage: str) -> None:
+        if progress:
+            progress(low + (high - low) * fraction, stage)
+
+    return report
+
+
 @dataclass(frozen=True)
 class ValueOptions:
     steps: int = 25
