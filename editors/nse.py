@@ -13,6 +13,11 @@ Three changes to MEMIT's recipe, each against a failure of long edit sequences:
                       still far from z (|z - h| > tolerance |z - h_start|), with neurons
                       selected again from the keys of those requests.
 
+Targets in the edited context (ours, `edited_context`): rewinding every weight also rewinds
+the tokens around the subject, though the edit will be read among their edited states. With
+it, only the subject's state is taken on the rewound weights (the anchor z starts from), and
+z is sought with the other tokens as the edited weights give them.
+
 A landing check (ours, off unless `landing_prob` > 0): a target found on the rewound weights
 can stop saying the new answer on weights that carry hundreds of edits, though the sweeps
 reach it. So the requests whose P(target) on the edited weights is still below
@@ -21,6 +26,7 @@ reach it. So the requests whose P(target) on the edited weights is still below
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -51,6 +57,9 @@ class NSEHyperParams(SequentialHyperParams):
     neuron_share: float = 0.8  # the selected neurons carry this share of |activation|
     iterations: int = 3  # the paper's iterative editing
     rewind: bool = True  # optimise the targets on the weights before the history (the paper)
+    # anchor each target at the subject's state on the rewound weights, but seek it with the
+    # other tokens' states the edited weights give (where the edit will be read); needs rewind
+    edited_context: bool = False
     # requests whose P(target) on the edited weights (geometric mean over the contexts) is
     # below this get a target on the edited weights and more sweeps; 0: no landing check
     landing_prob: float = 0.0
@@ -68,6 +77,8 @@ class NSEHyperParams(SequentialHyperParams):
             raise UnknownHyperparameterError(
                 "landing_prob must lie in [0, 1)", field="landing_prob"
             )
+        if self.edited_context and not self.rewind:
+            raise UnknownHyperparameterError("edited_context needs rewind", field="edited_context")
         if self.landing_target_prob and not self.landing_prob < self.landing_target_prob < 1:
             raise UnknownHyperparameterError(
                 "landing_target_prob must be 0 or lie in (landing_prob, 1)",
@@ -96,16 +107,13 @@ def compute(
     diagnostics = Diagnostics(method="nse", layers=layers, prefixes=prefixes)
 
     t0 = time.perf_counter()
-    with rewound(model, history if hparams.rewind else ()):
+    options, share = hparams.value_options, progress_share(progress, 0.0, 0.6)
+    back = history if hparams.rewind else ()
+    # edited_context: only the subject's state is rewound (the anchor); else all the weights
+    anchor = (lambda: rewound(model, back)) if hparams.edited_context else None
+    with contextlib.nullcontext() if anchor else rewound(model, back):
         z, targets = top_layer_targets(
-            model,
-            tok,
-            spec,
-            requests,
-            prefixes,
-            top,
-            hparams.value_options,
-            progress_share(progress, 0.0, 0.6),
+            model, tok, spec, requests, prefixes, top, options, share, anchor
         )
     diagnostics.seconds["values"] = time.perf_counter() - t0
     diagnostics.steps, diagnostics.losses = targets.steps, targets.losses
@@ -196,16 +204,8 @@ class _Landing:
         options = hp.value_options
         if hp.landing_target_prob > 0:
             options = dataclasses.replace(options, stop_nll=-math.log(hp.landing_target_prob))
-        z, _ = top_layer_targets(
-            model,
-            tok,
-            spec,
-            again,
-            self.prefixes,
-            layers[-1],
-            options,
-            progress_share(progress, 0, 0.5),
-        )
+        share = progress_share(progress, 0, 0.5)
+        z, _ = top_layer_targets(model, tok, spec, again, self.prefixes, layers[-1], options, share)
         sweeps = Sweeps(hp.iterations, hp.tolerance, share_cap=hp.layer_share_cap)
         return sweep_over_layers(
             model,

@@ -9,12 +9,14 @@ import torch
 from editors import EditRequest, apply_patch, revert_patch
 from editors.core.answers import target_probabilities
 from editors.core.history import rewound
+from editors.core.keys import residual_at_subject
 from editors.core.updates import neurons_carrying
 from editors.core.values import ValueOptions, optimise_residual_targets
 from editors.datasets import counterfact_request
 from editors.errors import UnknownHyperparameterError
 from editors.nse import NSEHyperParams
-from editors.patch import FactoredDelta
+from editors.patch import FactoredDelta, Patch
+from editors.tokens import locate
 
 from .conftest import assert_same_weights, counterfact, weights_snapshot
 
@@ -129,6 +131,62 @@ def test_the_landing_check_retargets_a_request_that_missed_on_the_edited_weights
     assert checked.diagnostics.seconds["landing"] > 0
 
 
+def _p_target_with_top_output(editor, request, layer: int, z: torch.Tensor) -> float:
+    """P(target) of `request` with block `layer`'s output at the subject set to `z`."""
+    lookup = locate(editor.tok, "", request.prompt, request.subject, None).lookup
+    block = editor.model.get_submodule(editor.spec.layer_path(layer))
+
+    def place(_module, _args, output):
+        hidden = (output[0] if isinstance(output, tuple) else output).clone()
+        hidden[0, lookup] = z.to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = block.register_forward_hook(place)
+    try:
+        return _p_target(editor, request)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.slow
+def test_an_edited_context_target_starts_at_the_rewound_subject_and_lands_on_the_edited_weights(
+    smollm2_editor,
+):
+    """edited_context, on SmolLM2 under a history that moves every token's state: the
+    target is anchored where the rewound weights put the subject, but sought with every
+    other token as the edited weights give it, so what its optimisation reports is what the
+    edited weights say with it placed at the subject."""
+    editor = smollm2_editor
+    model, tok, spec = editor.model, editor.tok, editor.spec
+    name, top = spec.weight_name(3), 9
+    weight = editor.model.get_parameter(name).detach()
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(weight.shape, generator=generator) * weight.float().std() * 0.3
+    history = [Patch("noise", {name: noise.to(weight.dtype)})]  # moves every token's state
+    options = ValueOptions(steps=10, lr=2.0, stop_nll=0.0, clamp_norm_factor=0.75)
+    snapshot = weights_snapshot(model)
+    applied = apply_patch(model, history[0])
+    try:
+        with rewound(model, history):
+            plain = optimise_residual_targets(model, tok, spec, [SECOND], [""], top, options)
+        anchored = optimise_residual_targets(
+            model, tok, spec, [SECOND], [""], top, options, anchor=lambda: rewound(model, history)
+        )
+        here = residual_at_subject(model, tok, spec, [SECOND], top)
+        said = {
+            name: _p_target_with_top_output(editor, SECOND, top, (t.start + t.delta.detach())[0])
+            for name, t in (("plain", plain), ("anchored", anchored))
+        }
+    finally:
+        revert_patch(model, applied)
+    assert_same_weights(model, snapshot)
+    assert plain.offset is None
+    assert not torch.allclose(plain.start, here, atol=1e-3)  # the history moved the subject
+    assert torch.allclose(anchored.start, plain.start, atol=1e-4)
+    assert torch.allclose(anchored.offset, plain.start - here, atol=1e-3)
+    assert said["anchored"] == pytest.approx(anchored.prob_after[0], rel=1e-3)
+
+
 @pytest.mark.slow
 def test_a_landing_target_probability_retargets_only_as_far_as_it_asks(smollm2_editor):
     """On SmolLM2, after an earlier edit: a request the batch edit leaves below the bar is
@@ -173,6 +231,7 @@ def test_bad_nse_hyperparameters_are_named():
         ({"landing_prob": -0.1}, "landing_prob"),
         ({"landing_prob": 0.5, "landing_target_prob": 0.4}, "landing_target_prob"),
         ({"landing_target_prob": 1.0}, "landing_target_prob"),
+        ({"edited_context": True, "rewind": False}, "edited_context"),
     ):
         with pytest.raises(UnknownHyperparameterError) as caught:
             NSEHyperParams(**overrides)

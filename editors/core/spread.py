@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from .values import (
     ProgressFn,
     ResidualTargets,
     ValueOptions,
+    clamp_row_norms,
     optimise_residual_targets,
     progress_share,
 )
@@ -72,15 +74,9 @@ def spread_edit(
     t0 = time.perf_counter()
     diagnostics.seconds["prepare"] = t0 - started
 
+    share = progress_share(progress, 0.0, 0.8)
     z, targets = top_layer_targets(
-        model,
-        tok,
-        spec,
-        requests,
-        prefixes,
-        top,
-        hparams.value_options,
-        progress_share(progress, 0.0, 0.8),
+        model, tok, spec, requests, prefixes, top, hparams.value_options, share
     )
     diagnostics.seconds["values"] = time.perf_counter() - t0
     diagnostics.steps = targets.steps
@@ -121,6 +117,7 @@ def top_layer_targets(
     top: int,
     options: ValueOptions,
     progress: ProgressFn | None = None,
+    anchor: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> tuple[torch.Tensor, ResidualTargets]:
     """z [n, d], the wanted output of block `top` at each request's subject (bare prompt),
     and the optimisation that found it.
@@ -130,10 +127,12 @@ def top_layer_targets(
     output's scale, far below the residual's), and the layers' updates then move the
     residual anywhere but to z. There the change is sought in the top MLP's output space,
     as ROME does, and z is the residual that change makes: reachable by the top layer
-    alone, so the layers below take shares of a change the weights can make."""
+    alone, so the layers below take shares of a change the weights can make.
+
+    `anchor`: see optimise_residual_targets."""
     post_norm = spec.mlp_post_norm is not None
     targets = optimise_residual_targets(
-        model, tok, spec, requests, prefixes, top, options, progress, mlp_space=post_norm
+        model, tok, spec, requests, prefixes, top, options, progress, post_norm, anchor=anchor
     )
     delta = targets.delta.detach()
     if not post_norm:
@@ -142,7 +141,10 @@ def top_layer_targets(
     with torch.no_grad():
         dtype = norm.weight.dtype
         made = norm((targets.start + delta).to(dtype)) - norm(targets.start.to(dtype))
-    return residual_at_subject(model, tok, spec, requests, top) + made.float(), targets
+    start = residual_at_subject(model, tok, spec, requests, top)
+    if targets.offset is not None:
+        start = start + targets.offset
+    return start + made.float(), targets
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,7 @@ def _spread_once(
     patch = Patch(method, {}, {"layers": ",".join(map(str, layers))})
     applied: list[AppliedPatch] = []
     walk = LayerWalk(model, tok, spec, requests, prefixes)
-    gap = (z - top_output).norm(dim=1, keepdim=True)
+    share_limit = share_cap * (z - top_output).norm(dim=1) / len(layers)
     try:
         for i, layer in enumerate(layers):
             keys = walk.keys(layer)
@@ -254,7 +256,7 @@ def _spread_once(
             reached = top_output if i == 0 else walk.block_output(top)
             residual = (z - reached) / (len(layers) - i)
             if share_cap > 0:
-                residual = _capped(residual, share_cap * gap / len(layers))
+                residual = clamp_row_norms(residual, share_limit)
             weight = linear_weight(spec, edited_weight(model, spec, layer)).float()
             change = mlp_output_change(model, spec, layer, keys @ weight.T, residual)
             a, b = solve(layer, keys.T, change.T)
@@ -269,9 +271,3 @@ def _spread_once(
         for record in reversed(applied):
             revert_patch(model, record)
     return patch
-
-
-def _capped(rows: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
-    """Each row of `rows` scaled down to a norm of at most `limit` (one per row)."""
-    norms = rows.norm(dim=1, keepdim=True)
-    return rows * torch.clamp(limit / norms.clamp_min(1e-12), max=1.0)

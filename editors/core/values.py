@@ -18,6 +18,7 @@ reached.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,12 @@ def progress_share(progress: ProgressFn | None, low: float, high: float) -> Prog
     return report
 
 
+def clamp_row_norms(rows: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Each row of `rows` scaled down to a norm of at most `limit` (one per row)."""
+    norms = rows.norm(dim=1)
+    return rows * torch.clamp(limit / norms.clamp_min(1e-12), max=1.0)[:, None]
+
+
 @dataclass(frozen=True)
 class ValueOptions:
     steps: int = 25
@@ -62,6 +69,8 @@ class ResidualTargets:
     layer: int
     delta: torch.Tensor  # [n, d]
     start: torch.Tensor  # [n, d] what delta is measured against (bare prompt, subject token)
+    # [n, d] start minus the current weights' block output there (zero unless anchored)
+    offset: torch.Tensor | None = None
     losses: list[float] = field(default_factory=list)
     prob_before: list[float] = field(default_factory=list)
     prob_after: list[float] = field(default_factory=list)
@@ -179,6 +188,7 @@ class _UpperStack:
         self.rows = rows
         self.past_len = rows.past_ids.shape[1]
         self.cache = None
+        self.offset: torch.Tensor | None = None  # [B, d] added at each row's subject token
         with torch.no_grad():
             if self.past_len:
                 out = self.backbone(
@@ -239,6 +249,8 @@ class _UpperStack:
         if self.post_norm is not None:
             norm = self.post_norm
             row_delta = norm(self.mlp_out + row_delta) - norm(self.mlp_out)
+        if self.offset is not None:
+            row_delta = row_delta + self.offset
         width = self.block_out.shape[1]
         bump = F.pad(row_delta.to(self.block_out.dtype).unsqueeze(1), (0, 0, 0, width - 1))
         with frozen_below(self.layers, self.layer, lambda: self.block_out + bump, self.example):
@@ -250,6 +262,8 @@ class _UpperStack:
         self.block_out = self.block_out[keep]
         self.mlp_out = self.mlp_out[keep]
         self.clean_hidden = self.clean_hidden[keep]
+        if self.offset is not None:
+            self.offset = self.offset[keep]
         if self.cache is not None:
             self.cache.batch_select_indices(keep)
 
@@ -300,6 +314,7 @@ def optimise_residual_targets(
     progress: ProgressFn | None = None,
     mlp_space: bool = False,
     delivery: torch.Tensor | None = None,
+    anchor: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> ResidualTargets:
     """`mlp_space`: seek the change of block `layer`'s MLP output rather than of the block's
     output. The two are the same unless the family normalises the MLP output before adding it
@@ -307,7 +322,12 @@ def optimise_residual_targets(
 
     `delivery` [n, len(prefixes) + 1]: the share of delta_i that the weight update will
     actually make at each context of request i (its KL prompt last), when the method knows
-    it in advance (ROME); the targets are then sought as the edit will deliver them."""
+    it in advance (ROME); the targets are then sought as the edit will deliver them.
+
+    `anchor`: a context manager giving other weights (NSE's rewound ones). Each context's
+    subject state is taken under them and delta is measured from there, while every other
+    token keeps its state on the current weights: the target is anchored where the anchor
+    weights put the subject, and sought in the context it will be read in."""
     device = next(model.parameters()).device
     n = len(requests)
     rows = _build_rows(tok, requests, prefixes, device)
@@ -320,13 +340,23 @@ def optimise_residual_targets(
     # the bare-prompt row of each request is its first row
     first_rows = torch.tensor([i * (len(prefixes) + 1) for i in range(n)], device=device)
     start = (stack.mlp_out if post_norm is not None else stack.block_out[:, 0].float())[first_rows]
-    max_norm = options.clamp_norm_factor * start.norm(dim=1)
     kl_before = _kl_logprobs(model, rows, stack.clean_hidden).detach()  # [n, V] in order
+    offset = None
+    if anchor is not None:
+        with anchor():
+            anchored = _UpperStack(model, spec, layer, rows, post_norm).block_out[:, 0].float()
+        stack.offset = anchored - stack.block_out[:, 0].float()
+        offset = stack.offset[first_rows]
+        if post_norm is None:
+            start = anchored[first_rows]
+        with torch.no_grad():  # "before": the anchored subject state in the current context
+            kl_before = _kl_logprobs(model, rows, stack.run(torch.zeros_like(anchored)))
+    max_norm = options.clamp_norm_factor * start.norm(dim=1)
 
     delta = torch.zeros((n, start.shape[1]), device=device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=options.lr)
     active = torch.arange(n, device=device)
-    result = ResidualTargets(layer=layer, delta=delta, start=start)
+    result = ResidualTargets(layer=layer, delta=delta, start=start, offset=offset)
     final_nll = torch.zeros(n, device=device)
 
     for step in range(options.steps):
@@ -363,9 +393,7 @@ def optimise_residual_targets(
             inactive = torch.ones(n, dtype=torch.bool, device=device)
             inactive[active] = False
             delta[inactive] = frozen[inactive]
-            norms = delta.norm(dim=1)
-            scale = torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0)
-            delta.mul_(scale[:, None])
+            delta.copy_(clamp_row_norms(delta, max_norm))
         if bool(done.any()):
             with torch.no_grad():
                 delta[active[done]] = frozen[active[done]]
