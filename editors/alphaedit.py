@@ -8,7 +8,8 @@ so the outputs at preserved keys cannot move (D k0 = 0), and the keys of earlier
 (read from the patches already applied: the method's state is the edit history, so a
 rollback restores it with the weights) are kept almost unchanged. That is what lets it take
 thousands of sequential edits where MEMIT degrades. The history weight w (1 in the paper)
-sets how firmly those earlier keys are held.
+sets how firmly those earlier keys are held. `rewind` and `edited_context` (off by default;
+see SequentialHyperParams) seek the targets as NSE does, from the weights before the history.
 """
 
 from __future__ import annotations
@@ -109,4 +110,5 @@ def compute(
         progress,
         prefixes,
         keep_keys=True,
+        history=history,
     )

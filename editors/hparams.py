@@ -173,6 +173,12 @@ class SequentialHyperParams(SpreadHyperParams):
     # w in (... + w K_p K_p^T + ...): how much one earlier edit's key counts against a new
     # key in the update's system; 1 is the papers' choice, larger keeps old edits firmer
     history_weight: float = 1.0
+    # optimise the targets on the weights before the history (NSE's weights rewinding)
+    rewind: bool = False
+    # with rewind: only the subject's state is taken on the rewound weights (the anchor
+    # each target starts from); the target is sought with the other tokens as the edited
+    # weights give them, the context the edit will be read in
+    edited_context: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -180,3 +186,5 @@ class SequentialHyperParams(SpreadHyperParams):
             raise UnknownHyperparameterError(
                 "history_weight must not be negative", field="history_weight"
             )
+        if self.edited_context and not self.rewind:
+            raise UnknownHyperparameterError("edited_context needs rewind", field="edited_context")

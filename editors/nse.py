@@ -26,7 +26,6 @@ reach it. So the requests whose P(target) on the edited weights is still below
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -38,9 +37,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .core.answers import target_probabilities
 from .core.context import edit_context
-from .core.history import earlier_keys, rewound
+from .core.history import earlier_keys
 from .core.keys import compute_keys
-from .core.spread import Factors, LayerSolve, Sweeps, sweep_over_layers, top_layer_targets
+from .core.spread import (
+    Factors,
+    LayerSolve,
+    Sweeps,
+    history_targets,
+    sweep_over_layers,
+    top_layer_targets,
+)
 from .core.updates import least_squares_update, neurons_carrying
 from .core.values import ProgressFn, progress_share
 from .errors import UnknownHyperparameterError
@@ -56,10 +62,7 @@ from .stats import Statistics
 class NSEHyperParams(SequentialHyperParams):
     neuron_share: float = 0.8  # the selected neurons carry this share of |activation|
     iterations: int = 3  # the paper's iterative editing
-    rewind: bool = True  # optimise the targets on the weights before the history (the paper)
-    # anchor each target at the subject's state on the rewound weights, but seek it with the
-    # other tokens' states the edited weights give (where the edit will be read); needs rewind
-    edited_context: bool = False
+    rewind: bool = True  # the paper's weights rewinding
     # requests whose P(target) on the edited weights (geometric mean over the contexts) is
     # below this get a target on the edited weights and more sweeps; 0: no landing check
     landing_prob: float = 0.0
@@ -77,8 +80,6 @@ class NSEHyperParams(SequentialHyperParams):
             raise UnknownHyperparameterError(
                 "landing_prob must lie in [0, 1)", field="landing_prob"
             )
-        if self.edited_context and not self.rewind:
-            raise UnknownHyperparameterError("edited_context needs rewind", field="edited_context")
         if self.landing_target_prob and not self.landing_prob < self.landing_target_prob < 1:
             raise UnknownHyperparameterError(
                 "landing_target_prob must be 0 or lie in (landing_prob, 1)",
@@ -107,14 +108,8 @@ def compute(
     diagnostics = Diagnostics(method="nse", layers=layers, prefixes=prefixes)
 
     t0 = time.perf_counter()
-    options, share = hparams.value_options, progress_share(progress, 0.0, 0.6)
-    back = history if hparams.rewind else ()
-    # edited_context: only the subject's state is rewound (the anchor); else all the weights
-    anchor = (lambda: rewound(model, back)) if hparams.edited_context else None
-    with contextlib.nullcontext() if anchor else rewound(model, back):
-        z, targets = top_layer_targets(
-            model, tok, spec, requests, prefixes, top, options, share, anchor
-        )
+    share = progress_share(progress, 0.0, 0.6)
+    z, targets = history_targets(model, tok, spec, requests, prefixes, top, hparams, share, history)
     diagnostics.seconds["values"] = time.perf_counter() - t0
     diagnostics.steps, diagnostics.losses = targets.steps, targets.losses
     diagnostics.prob_before, diagnostics.prob_after = targets.prob_before, targets.prob_after

@@ -118,6 +118,33 @@ def test_the_patch_carries_its_keys_and_the_history_changes_the_next_edit(editor
     assert moved_after < 0.8 * moved_alone
 
 
+def test_rewinding_optimises_the_targets_on_the_weights_before_the_history(editor):
+    """With `rewind` AlphaEdit's targets are sought on the weights before the history, as
+    NSE's are: the same loss curve as the edit alone on the unedited model; without it,
+    on the edited weights."""
+    first = editor.compute([FIRST], "alphaedit", FAST)
+    alone = editor.compute([SECOND], "alphaedit", FAST)
+    applied = apply_patch(editor.model, first.patch)
+    try:
+        runs = {
+            name: editor.compute([SECOND], "alphaedit", options, history=[first.patch])
+            for name, options in (
+                ("current", FAST),
+                ("rewound", {**FAST, "rewind": True}),
+                ("anchored", {**FAST, "rewind": True, "edited_context": True}),
+            )
+        }
+    finally:
+        revert_patch(editor.model, applied)
+    losses = {name: result.diagnostics.losses for name, result in runs.items()}
+    assert losses["rewound"] == pytest.approx(alone.diagnostics.losses, rel=1e-6)
+    # a random model's first edit moves the next prompt's loss by a few 1e-4 only
+    assert losses["current"][0] != pytest.approx(alone.diagnostics.losses[0], rel=1e-5)
+    # anchored: the subject as before the history, the context as after it
+    assert losses["anchored"][0] != pytest.approx(alone.diagnostics.losses[0], rel=1e-5)
+    assert losses["anchored"][0] != pytest.approx(losses["current"][0], rel=1e-5)
+
+
 @pytest.mark.parametrize("method", ["alphaedit", "nse"])
 def test_a_heavier_history_weight_moves_the_earlier_key_less(editor, method):
     # NSE's lam C would protect the key on its own here: keep it weak to see the history's
@@ -174,6 +201,7 @@ def test_bad_alphaedit_hyperparameters_are_named():
         ({"l2": 0}, "l2"),
         ({"mom2_update_weight": -1.0}, "mom2_update_weight"),
         ({"history_weight": -1.0}, "history_weight"),
+        ({"edited_context": True}, "edited_context"),
     ):
         with pytest.raises(UnknownHyperparameterError) as err:
             AlphaEditHyperParams(**overrides)

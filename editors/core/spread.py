@@ -16,8 +16,9 @@ starting distance from z, each sweep on the weights the earlier ones left.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from ..result import Diagnostics, EditResult
 from ..stats import Statistics
 from ..weights import factored, linear_weight
 from .context import edit_context
+from .history import rewound
 from .keys import compute_keys, residual_at_subject
 from .layer_walk import LayerWalk
 from .mlp_values import mlp_output_change
@@ -61,11 +63,13 @@ def spread_edit(
     progress: ProgressFn | None = None,
     prefixes: list[str] | None = None,
     keep_keys: bool = False,
+    history: Sequence[Patch] = (),
 ) -> EditResult:
     """Optimise every request's target residual z at the top edited layer together, then
     spread it over the edited layers with `solve` in up to `hparams.iterations` sweeps;
     with `keep_keys` the patch carries the requests' keys at each edited layer on the edited
-    weights (for methods that protect earlier edits)."""
+    weights (for methods that protect earlier edits). `history`: the patches applied so far,
+    for hparams that rewind them (see history_targets)."""
     started = time.perf_counter()
     context = edit_context(model, tok, hparams, stats, spec, prefixes)
     spec, layers, prefixes = context.spec, context.layers, context.prefixes
@@ -75,9 +79,7 @@ def spread_edit(
     diagnostics.seconds["prepare"] = t0 - started
 
     share = progress_share(progress, 0.0, 0.8)
-    z, targets = top_layer_targets(
-        model, tok, spec, requests, prefixes, top, hparams.value_options, share
-    )
+    z, targets = history_targets(model, tok, spec, requests, prefixes, top, hparams, share, history)
     diagnostics.seconds["values"] = time.perf_counter() - t0
     diagnostics.steps = targets.steps
     diagnostics.losses = targets.losses
@@ -106,6 +108,29 @@ def spread_edit(
     diagnostics.delta_norms = patch.delta_norms()
     diagnostics.seconds["total"] = time.perf_counter() - started
     return EditResult(patch, diagnostics)
+
+
+def history_targets(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    requests: list[EditRequest],
+    prefixes: list[str],
+    top: int,
+    hparams: Any,
+    progress: ProgressFn,
+    history: Sequence[Patch],
+) -> tuple[torch.Tensor, ResidualTargets]:
+    """top_layer_targets on the weights `hparams` asks for: the current ones; with `rewind`
+    those before `history`; with `edited_context` as well, the subject's state from those
+    and every other token's from the current ones."""
+    back = history if getattr(hparams, "rewind", False) else ()
+    anchor = (lambda: rewound(model, back)) if getattr(hparams, "edited_context", False) else None
+    options = hparams.value_options
+    with contextlib.nullcontext() if anchor else rewound(model, back):
+        return top_layer_targets(
+            model, tok, spec, requests, prefixes, top, options, progress, anchor
+        )
 
 
 def top_layer_targets(
