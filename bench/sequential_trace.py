@@ -3,6 +3,8 @@
     python bench/sequential_trace.py --method alphaedit -n 500 --samples 8000 --scores-every 100
 
 After every batch: the probe perplexity, the mean target probability the method reported,
+the batch's own P(target) on the edited weights (bare prompts: whether the edits landed),
+the share of its target distance each request has left after the sweeps (spread methods),
 and per edited matrix the accumulated drift |W - W0| / |W0|. Every `--scores-every` edits,
 the CounterFact scores of all cases edited so far. The last line ablates the drift layer by
 layer: the probe perplexity without one matrix's accumulated change ("without") and with
@@ -22,6 +24,7 @@ from ready_editor import ready_editor
 from tqdm import tqdm
 
 from editors import apply_patch
+from editors.core.answers import target_probabilities
 from editors.datasets import load_counterfact
 from editors.evaluation.probe import PROBE_TEXT
 from editors.hparams import parse_overrides
@@ -95,6 +98,8 @@ def main() -> None:
             "edits": done,
             "perplexity": perplexity(model, tok, PROBE_TEXT),
             "prob_after": sum(result.diagnostics.prob_after) / len(batch),
+            "landed": [round(p, 4) for p in target_probabilities(model, tok, batch, [""])],
+            "gap_left": [round(g, 4) for g in result.diagnostics.extra.get("target_gap_left", [])],
             "drift": {n: round(float(d.norm()) / original[n], 4) for n, d in drift.items()},
         }
         if done % args.scores_every == 0 or done == len(requests):
