@@ -49,6 +49,7 @@ from .values import (
 Factors = tuple[torch.Tensor, torch.Tensor]  # A [d_out, r], B [d_in, r]: W += A @ B.T
 # (layer, keys [d_in, n], wanted MLP-output changes [d_out, n]) -> the layer's update
 LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], Factors]
+Anchor = Callable[[], AbstractContextManager[object]]  # see optimise_residual_targets
 
 
 def spread_edit(
@@ -69,7 +70,7 @@ def spread_edit(
     spread it over the edited layers with `solve` in up to `hparams.iterations` sweeps;
     with `keep_keys` the patch carries the requests' keys at each edited layer on the edited
     weights (for methods that protect earlier edits). `history`: the patches applied so far,
-    for hparams that rewind them (see history_targets)."""
+    for hparams that rewind them (see target_weights)."""
     started = time.perf_counter()
     context = edit_context(model, tok, hparams, stats, spec, prefixes)
     spec, layers, prefixes = context.spec, context.layers, context.prefixes
@@ -78,8 +79,12 @@ def spread_edit(
     t0 = time.perf_counter()
     diagnostics.seconds["prepare"] = t0 - started
 
-    share = progress_share(progress, 0.0, 0.8)
-    z, targets = history_targets(model, tok, spec, requests, prefixes, top, hparams, share, history)
+    share, options = progress_share(progress, 0.0, 0.8), hparams.value_options
+    weights, anchor = target_weights(model, hparams, history)
+    with weights:
+        z, targets = top_layer_targets(
+            model, tok, spec, requests, prefixes, top, options, share, anchor
+        )
     diagnostics.seconds["values"] = time.perf_counter() - t0
     diagnostics.steps = targets.steps
     diagnostics.losses = targets.losses
@@ -110,27 +115,17 @@ def spread_edit(
     return EditResult(patch, diagnostics)
 
 
-def history_targets(
-    model: PreTrainedModel,
-    tok: PreTrainedTokenizerBase,
-    spec: ModelSpec,
-    requests: list[EditRequest],
-    prefixes: list[str],
-    top: int,
-    hparams: Any,
-    progress: ProgressFn,
-    history: Sequence[Patch],
-) -> tuple[torch.Tensor, ResidualTargets]:
-    """top_layer_targets on the weights `hparams` asks for: the current ones; with `rewind`
-    those before `history`; with `edited_context` as well, the subject's state from those
-    and every other token's from the current ones."""
+def target_weights(
+    model: PreTrainedModel, hparams: Any, history: Sequence[Patch]
+) -> tuple[AbstractContextManager[object], Anchor | None]:
+    """Where the targets are sought, as (weights to seek them on, anchor for
+    top_layer_targets): the current weights; with `rewind` those before `history`; with
+    `edited_context` as well, the subject's state from those and every other token's from
+    the current ones."""
     back = history if getattr(hparams, "rewind", False) else ()
-    anchor = (lambda: rewound(model, back)) if getattr(hparams, "edited_context", False) else None
-    options = hparams.value_options
-    with contextlib.nullcontext() if anchor else rewound(model, back):
-        return top_layer_targets(
-            model, tok, spec, requests, prefixes, top, options, progress, anchor
-        )
+    if getattr(hparams, "edited_context", False):
+        return contextlib.nullcontext(), lambda: rewound(model, back)
+    return rewound(model, back), None
 
 
 def top_layer_targets(
@@ -142,7 +137,7 @@ def top_layer_targets(
     top: int,
     options: ValueOptions,
     progress: ProgressFn | None = None,
-    anchor: Callable[[], AbstractContextManager[object]] | None = None,
+    anchor: Anchor | None = None,
 ) -> tuple[torch.Tensor, ResidualTargets]:
     """z [n, d], the wanted output of block `top` at each request's subject (bare prompt),
     and the optimisation that found it.
