@@ -38,6 +38,7 @@ from .keys import compute_keys, residual_at_subject
 from .layer_walk import LayerWalk
 from .mlp_values import mlp_output_change
 from .values import (
+    Anchor,
     ProgressFn,
     ResidualTargets,
     ValueOptions,
@@ -49,7 +50,6 @@ from .values import (
 Factors = tuple[torch.Tensor, torch.Tensor]  # A [d_out, r], B [d_in, r]: W += A @ B.T
 # (layer, keys [d_in, n], wanted MLP-output changes [d_out, n]) -> the layer's update
 LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], Factors]
-Anchor = Callable[[], AbstractContextManager[object]]  # see optimise_residual_targets
 
 
 def spread_edit(

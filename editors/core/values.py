@@ -34,6 +34,7 @@ from .keys import pad_id_of
 KL_TEMPLATE = "{} is a"
 
 ProgressFn = Callable[[float, str], None]
+Anchor = Callable[[], AbstractContextManager[object]]  # see optimise_residual_targets
 
 
 def progress_share(progress: ProgressFn | None, low: float, high: float) -> ProgressFn:
@@ -69,7 +70,7 @@ class ResidualTargets:
     layer: int
     delta: torch.Tensor  # [n, d]
     start: torch.Tensor  # [n, d] what delta is measured against (bare prompt, subject token)
-    # [n, d] start minus the current weights' block output there (zero unless anchored)
+    # [n, d] start minus the current weights' block output there (None unless anchored)
     offset: torch.Tensor | None = None
     losses: list[float] = field(default_factory=list)
     prob_before: list[float] = field(default_factory=list)
@@ -314,7 +315,7 @@ def optimise_residual_targets(
     progress: ProgressFn | None = None,
     mlp_space: bool = False,
     delivery: torch.Tensor | None = None,
-    anchor: Callable[[], AbstractContextManager[object]] | None = None,
+    anchor: Anchor | None = None,
 ) -> ResidualTargets:
     """`mlp_space`: seek the change of block `layer`'s MLP output rather than of the block's
     output. The two are the same unless the family normalises the MLP output before adding it
