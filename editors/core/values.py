@@ -341,7 +341,7 @@ def optimise_residual_targets(
     # the bare-prompt row of each request is its first row
     first_rows = torch.tensor([i * (len(prefixes) + 1) for i in range(n)], device=device)
     start = (stack.mlp_out if post_norm is not None else stack.block_out[:, 0].float())[first_rows]
-    kl_before = _kl_logprobs(model, rows, stack.clean_hidden).detach()  # [n, V] in order
+    before = stack.clean_hidden  # what the KL term keeps: the model without delta
     offset = None
     if anchor is not None:
         with anchor():
@@ -350,8 +350,9 @@ def optimise_residual_targets(
         offset = stack.offset[first_rows]
         if post_norm is None:
             start = anchored[first_rows]
-        with torch.no_grad():  # "before": the anchored subject state in the current context
-            kl_before = _kl_logprobs(model, rows, stack.run(torch.zeros_like(anchored)))
+        with torch.no_grad():  # the anchored subject state in the current context
+            before = stack.run(torch.zeros_like(anchored))
+    kl_before = _kl_logprobs(model, rows, before).detach()  # [n, V] in order
     max_norm = options.clamp_norm_factor * start.norm(dim=1)
 
     delta = torch.zeros((n, start.shape[1]), device=device, requires_grad=True)
