@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from statistics import fmean
 from typing import Any
 
 from .patch import Patch
@@ -23,6 +24,21 @@ class Diagnostics:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def figures(self) -> dict[str, float]:
+        """The edit's reach in a few numbers, means over its requests: P(target) where the
+        value optimisation stopped, the share of the target distance the layer sweeps left,
+        the sweeps made, and the seconds the edit took (each where the method reports it)."""
+        out: dict[str, float] = {}
+        if "total" in self.seconds:
+            out["edit_seconds"] = self.seconds["total"]
+        if self.prob_after:
+            out["target_prob"] = fmean(self.prob_after)
+        if self.extra.get("target_gap_left"):
+            out["target_gap_left"] = fmean(self.extra["target_gap_left"])
+        if "sweeps" in self.extra:
+            out["sweeps"] = float(self.extra["sweeps"])
+        return out
 
 
 @dataclass

@@ -44,6 +44,9 @@ def test_sequential_run_records_checkpoints_and_restores_the_model(tiny_editor, 
         "final",
     ]
     assert [r.edits_done for r in rows if r.kind == "checkpoint"] == [2, 4]
+    for row in rows:  # each aggregate row carries the reach of the edit made since the last
+        if row.kind in ("checkpoint", "final"):
+            assert 0 < row.metrics["target_prob"] <= 1 and row.metrics["edit_seconds"] > 0
     assert summary["completed"] and summary["edits_done"] == 6 and summary["stopped_at"] is None
     assert_same_weights(model, snapshot)  # every patch of the run reverted exactly
 
@@ -70,6 +73,8 @@ def test_single_and_batch_protocols_edit_from_the_unedited_model(tiny_editor, ca
         tiny_editor, cases[:4], EvaluationPlan(method="memit", protocol="batch", fluency=False)
     )
     assert [r.edits_done for r in rows if r.kind == "case"] == [4, 4, 4, 4]
+    final = rows[-1].metrics  # MEMIT's sweeps and the target distance they left
+    assert final["sweeps"] >= 1 and 0 <= final["target_gap_left"] < 1
     assert batch["plan"]["protocol"] == "batch" and batch["completed"]
     assert_same_weights(tiny_editor.model, snapshot)
 

@@ -64,7 +64,9 @@ class EvaluationRow:
     metrics of the unedited model on the same cases (`baseline`).
 
     kind: baseline (the unedited model on all cases), case (one case), checkpoint (the
-    cases edited so far, in the middle of a run), final (all cases at the end).
+    cases edited so far, in the middle of a run), final (all cases at the end). Checkpoint
+    and final rows also carry the mean reach of the edits computed since the previous such
+    row (target_prob, target_gap_left, sweeps, edit_seconds; see Diagnostics.figures).
     """
 
     kind: RowKind

@@ -63,6 +63,7 @@ class Evaluation:
         self._after: dict[int, CaseMetrics] = {}
         self._applied: list[AppliedPatch] = []
         self._history: list[Patch] = []  # patches in effect, oldest first (sequential)
+        self._edit_figures: list[CaseMetrics] = []  # each edit's since the last aggregate row
         self._fluency_prompts = [requests_of(c)[0].text for c in self.cases[: plan.fluency_prompts]]
 
     # -- measuring --------------------------------------------------------------------------
@@ -188,6 +189,7 @@ class Evaluation:
         finally:
             self.seconds["editing"] += time.perf_counter() - began
         applied = apply_patch(self.model, result.patch)
+        self._edit_figures.append(result.diagnostics.figures())
         if self.plan.protocol == "sequential":
             self._history.append(result.patch)  # what later edits build on
         return applied
@@ -273,9 +275,12 @@ class Evaluation:
         self, kind: str, indices: list[int] | None = None, health: CaseMetrics | None = None
     ) -> EvaluationRow:
         """The mean over `indices` (default: every case scored after its edit) beside the
-        unedited model's mean over the same cases."""
+        unedited model's mean over the same cases, with the mean reach of the edits computed
+        since the previous aggregate row (Diagnostics.figures)."""
         chosen = sorted(self._after) if indices is None else indices
         metrics = mean_metrics([self._after[i] for i in chosen])
+        metrics.update(mean_metrics(self._edit_figures))
+        self._edit_figures.clear()
         baseline = self._base_of(chosen)
         model_keys = ("perplexity", "fluency")
         baseline.update({k: v for k, v in self._base_model.items() if k in model_keys})
