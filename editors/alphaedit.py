@@ -38,7 +38,7 @@ from .stats import Statistics
 class AlphaEditHyperParams(SequentialHyperParams):
     # Both are scale-free, so the values tuned on SmolLM2 (the one real model we can load
     # here) are every family's defaults; a null space holding 1 % of C filled up with the
-    # history's keys and collapsed before 200 sequential edits (see the README).
+    # history's keys and collapsed before 200 sequential edits (docs/lifelong-editing.md).
     nullspace_energy: float = 0.1  # P spans C's weakest directions holding this share of it
     l2: float = 10.0  # ridge term, in units of C's mean eigenvalue (a key's energy per dim)
     # lam_c: here lam C counts only through C's energy left inside the null space (P C P);

@@ -28,7 +28,8 @@ class Diagnostics:
     def figures(self) -> dict[str, float]:
         """The edit's reach in a few numbers, means over its requests: P(target) where the
         value optimisation stopped, the share of the target distance the layer sweeps left,
-        the sweeps made, and the seconds the edit took (each where the method reports it)."""
+        the sweeps made, the largest |delta| of a changed parameter, and the seconds the edit
+        took (each where the method reports it)."""
         out: dict[str, float] = {}
         if "total" in self.seconds:
             out["edit_seconds"] = self.seconds["total"]
@@ -38,6 +39,8 @@ class Diagnostics:
             out["target_gap_left"] = fmean(self.extra["target_gap_left"])
         if "sweeps" in self.extra:
             out["sweeps"] = float(self.extra["sweeps"])
+        if self.delta_norms:
+            out["delta_norm"] = max(self.delta_norms.values())
         return out
 
 

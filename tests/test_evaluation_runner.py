@@ -75,6 +75,7 @@ def test_single_and_batch_protocols_edit_from_the_unedited_model(tiny_editor, ca
     assert [r.edits_done for r in rows if r.kind == "case"] == [4, 4, 4, 4]
     final = rows[-1].metrics  # MEMIT's sweeps and the target distance they left
     assert final["sweeps"] >= 1 and 0 <= final["target_gap_left"] < 1
+    assert final["delta_norm"] > 0
     assert batch["plan"]["protocol"] == "batch" and batch["completed"]
     assert_same_weights(tiny_editor.model, snapshot)
 

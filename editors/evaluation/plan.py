@@ -66,7 +66,7 @@ class EvaluationRow:
     kind: baseline (the unedited model on all cases), case (one case), checkpoint (the
     cases edited so far, in the middle of a run), final (all cases at the end). Checkpoint
     and final rows also carry the mean reach of the edits computed since the previous such
-    row (target_prob, target_gap_left, sweeps, edit_seconds; see Diagnostics.figures).
+    row (target_prob, target_gap_left, sweeps, delta_norm, edit_seconds: Diagnostics.figures).
     """
 
     kind: RowKind
