@@ -26,8 +26,8 @@ class Diagnostics:
         return asdict(self)
 
     def figures(self) -> dict[str, float]:
-        """The edit's reach in a few numbers, means over its requests: P(target) where the
-        value optimisation stopped, the share of the target distance the layer sweeps left,
+        """The edit's reach in a few numbers: P(target) where the value optimisation stopped
+        and the share of the target distance the layer sweeps left (means over the requests),
         the sweeps made, the largest |delta| of a changed parameter, and the seconds the edit
         took (each where the method reports it)."""
         out: dict[str, float] = {}
