@@ -43,8 +43,8 @@ from .core.spread import (
     Factors,
     LayerSolve,
     Sweeps,
+    history_targets,
     sweep_over_layers,
-    target_weights,
     top_layer_targets,
 )
 from .core.updates import least_squares_update, neurons_carrying
@@ -108,12 +108,8 @@ def compute(
     diagnostics = Diagnostics(method="nse", layers=layers, prefixes=prefixes)
 
     t0 = time.perf_counter()
-    share, options = progress_share(progress, 0.0, 0.6), hparams.value_options
-    weights, anchor = target_weights(model, hparams, history)
-    with weights:
-        z, targets = top_layer_targets(
-            model, tok, spec, requests, prefixes, top, options, share, anchor
-        )
+    share = progress_share(progress, 0.0, 0.6)
+    z, targets = history_targets(model, tok, spec, requests, prefixes, top, hparams, share, history)
     diagnostics.seconds["values"] = time.perf_counter() - t0
     diagnostics.steps, diagnostics.losses = targets.steps, targets.losses
     diagnostics.prob_before, diagnostics.prob_after = targets.prob_before, targets.prob_after

@@ -70,7 +70,7 @@ def spread_edit(
     spread it over the edited layers with `solve` in up to `hparams.iterations` sweeps;
     with `keep_keys` the patch carries the requests' keys at each edited layer on the edited
     weights (for methods that protect earlier edits). `history`: the patches applied so far,
-    for hparams that rewind them (see target_weights)."""
+    for hparams that rewind them (see history_targets)."""
     started = time.perf_counter()
     context = edit_context(model, tok, hparams, stats, spec, prefixes)
     spec, layers, prefixes = context.spec, context.layers, context.prefixes
@@ -79,12 +79,8 @@ def spread_edit(
     t0 = time.perf_counter()
     diagnostics.seconds["prepare"] = t0 - started
 
-    share, options = progress_share(progress, 0.0, 0.8), hparams.value_options
-    weights, anchor = target_weights(model, hparams, history)
-    with weights:
-        z, targets = top_layer_targets(
-            model, tok, spec, requests, prefixes, top, options, share, anchor
-        )
+    share = progress_share(progress, 0.0, 0.8)
+    z, targets = history_targets(model, tok, spec, requests, prefixes, top, hparams, share, history)
     diagnostics.seconds["values"] = time.perf_counter() - t0
     diagnostics.steps = targets.steps
     diagnostics.losses = targets.losses
@@ -115,17 +111,31 @@ def spread_edit(
     return EditResult(patch, diagnostics)
 
 
-def target_weights(
-    model: PreTrainedModel, hparams: Any, history: Sequence[Patch]
-) -> tuple[AbstractContextManager[object], Anchor | None]:
-    """Where the targets are sought, as (weights to seek them on, anchor for
-    top_layer_targets): the current weights; with `rewind` those before `history`; with
-    `edited_context` as well, the subject's state from those and every other token's from
-    the current ones."""
+def history_targets(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    spec: ModelSpec,
+    requests: list[EditRequest],
+    prefixes: list[str],
+    top: int,
+    hparams: Any,
+    progress: ProgressFn,
+    history: Sequence[Patch],
+) -> tuple[torch.Tensor, ResidualTargets]:
+    """top_layer_targets where `hparams` seeks them: on the current weights; with `rewind`
+    on those before `history`; with `edited_context` as well, the subject's state from those
+    and every other token's from the current ones."""
     back = history if getattr(hparams, "rewind", False) else ()
+    weights: AbstractContextManager[object]
+    anchor: Anchor | None
     if getattr(hparams, "edited_context", False):
-        return contextlib.nullcontext(), lambda: rewound(model, back)
-    return rewound(model, back), None
+        weights, anchor = contextlib.nullcontext(), lambda: rewound(model, back)
+    else:
+        weights, anchor = rewound(model, back), None
+    with weights:
+        return top_layer_targets(
+            model, tok, spec, requests, prefixes, top, hparams.value_options, progress, anchor
+        )
 
 
 def top_layer_targets(
