@@ -1,7 +1,7 @@
 """What AlphaEdit's `mom2_update_weight` (lam_c) costs and buys per edited layer, from the
 statistics alone; prints JSON.
 
-    python bench/nullspace_budget.py --samples 8000 --weights 0 30 100 300 1000
+    python bench/nullspace_budget.py --samples 8000 --weights 0 30 100 300 1000 --energies 0.1 0.3
 
 For a key k drawn like the preserved keys (E[k k^T] = C), inside the null-space projection P
 with eigenvalues e_i of P C P (in units of C's mean eigenvalue) and the ridge l2:
@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--samples", type=int, default=20_000)
     parser.add_argument("--weights", type=float, nargs="+", default=[0, 30, 100, 300, 1000])
+    parser.add_argument(
+        "--energies", type=float, nargs="+", help="null-space energy shares (default: shipped)"
+    )
     args = parser.parse_args()
 
     model, tok = load_model(args.model)
@@ -54,11 +57,14 @@ def main() -> None:
     hparams = editor.hparams("alphaedit")
     layers = editor.statistics_layers("alphaedit")
     stats.prepare(layers)
-    report = {}
+    energies = args.energies or [hparams.nullspace_energy]
+    report: dict[float, dict] = {energy: {} for energy in energies}
     for layer in tqdm(layers, desc="null-space budget per layer"):
-        p = projection(stats, layer, hparams.nullspace_energy)
-        report[layer] = layer_budget(p, stats.second_moment(layer), hparams.l2, args.weights)
-    print(json.dumps({"model": args.model, "l2": hparams.l2, "layers": report}, indent=1))
+        for energy in energies:
+            p = projection(stats, layer, energy)
+            c = stats.second_moment(layer)
+            report[energy][layer] = layer_budget(p, c, hparams.l2, args.weights)
+    print(json.dumps({"model": args.model, "l2": hparams.l2, "by_energy": report}, indent=1))
 
 
 if __name__ == "__main__":

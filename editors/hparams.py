@@ -117,6 +117,16 @@ def check_layers(layers: list[int], n_layers: int) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class TargetSource:
+    """Which weights a spread method seeks its targets on: the current ones; with `rewind`
+    those before the edit history (NSE's weights rewinding); with `edited_context` as well,
+    only the subject's state from those and every other token's from the current ones."""
+
+    rewind: bool = False
+    edited_context: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class SpreadHyperParams(LocateEditHyperParams):
     """Methods that spread an edit over several layers (MEMIT, AlphaEdit, NSE)."""
 
@@ -153,6 +163,10 @@ class SpreadHyperParams(LocateEditHyperParams):
                 "layers must be distinct and ascending", field="layers"
             )
 
+    @property
+    def target_source(self) -> TargetSource:
+        return TargetSource()
+
     def edited_layers(self, n_layers: int) -> list[int]:
         return self.resolved_layers(n_layers)
 
@@ -188,3 +202,7 @@ class SequentialHyperParams(SpreadHyperParams):
             )
         if self.edited_context and not self.rewind:
             raise UnknownHyperparameterError("edited_context needs rewind", field="edited_context")
+
+    @property
+    def target_source(self) -> TargetSource:
+        return TargetSource(self.rewind, self.edited_context)

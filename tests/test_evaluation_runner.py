@@ -58,6 +58,27 @@ def test_sequential_run_records_checkpoints_and_restores_the_model(tiny_editor, 
     assert summary["final"]["perplexity"] > 0 and "fluency" in summary["final"]
 
 
+def test_each_aggregate_row_averages_the_edits_made_since_the_last(tiny_editor, cases, monkeypatch):
+    made = []  # every edit's own figures, in the order the runner made them
+    real_compute = tiny_editor.compute
+
+    def recording_compute(*args, **kwargs):
+        result = real_compute(*args, **kwargs)
+        made.append(result.diagnostics.figures())
+        return result
+
+    monkeypatch.setattr(tiny_editor, "compute", recording_compute)
+    plan = EvaluationPlan(protocol="sequential", checkpoint_every=2, fluency=False)
+    _, rows = run_evaluation(tiny_editor, cases, plan)
+    aggregates = [r for r in rows if r.kind in ("checkpoint", "final")]
+    assert [r.edits_done for r in aggregates] == [2, 4, 6] and len(made) == 6
+    for number, row in enumerate(aggregates):
+        window = made[2 * number : 2 * number + 2]
+        for name in ("target_prob", "delta_norm", "edit_seconds"):
+            expected = sum(figures[name] for figures in window) / 2
+            assert row.metrics[name] == pytest.approx(expected), (row.edits_done, name)
+
+
 def test_single_and_batch_protocols_edit_from_the_unedited_model(tiny_editor, cases):
     snapshot = weights_snapshot(tiny_editor.model)
     single, rows = run_evaluation(tiny_editor, cases[:3], EvaluationPlan(fluency=False))

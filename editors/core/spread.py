@@ -21,11 +21,11 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..hparams import SpreadHyperParams
 from ..model_spec import ModelSpec, edited_weight, get_module
 from ..patch import AppliedPatch, Patch, apply_patch, revert_patch
 from ..requests import EditRequest
@@ -56,7 +56,7 @@ def spread_edit(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     requests: list[EditRequest],
-    hparams: Any,
+    hparams: SpreadHyperParams,
     stats: Statistics,
     solve: LayerSolve,
     method: str,
@@ -118,17 +118,17 @@ def history_targets(
     requests: list[EditRequest],
     prefixes: list[str],
     top: int,
-    hparams: Any,
+    hparams: SpreadHyperParams,
     progress: ProgressFn,
     history: Sequence[Patch],
 ) -> tuple[torch.Tensor, ResidualTargets]:
-    """top_layer_targets where `hparams` seeks them: on the current weights; with `rewind`
-    on those before `history`; with `edited_context` as well, the subject's state from those
-    and every other token's from the current ones."""
-    back = history if getattr(hparams, "rewind", False) else ()
+    """top_layer_targets on the weights `hparams.target_source` names (`history`: the patches
+    that rewinding takes back)."""
+    source = hparams.target_source
+    back = history if source.rewind else ()
     weights: AbstractContextManager[object]
     anchor: Anchor | None
-    if getattr(hparams, "edited_context", False):
+    if source.edited_context:
         weights, anchor = contextlib.nullcontext(), lambda: rewound(model, back)
     else:
         weights, anchor = rewound(model, back), None
