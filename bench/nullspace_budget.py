@@ -33,11 +33,11 @@ def layer_budget(p: torch.Tensor, c: torch.Tensor, l2: float, weights: list[floa
     for weight in weights:
         reach = e / (weight * e + l2)
         s = float(reach.sum())
-        damage = float((e * reach**2).sum()) / s**2
-        rows[weight] = {"delivered": round(s / (1 + s), 3), "damage": damage}
+        damage = float((reach**2).sum()) / s**2
+        rows[weight] = {"delivered": round(s / (1 + s), 3), "damage": float(f"{damage:.3g}")}
     hard = rows[weights[0]]["damage"] if weights[0] == 0 else None
     for row in rows.values():
-        row["damage_vs_hard"] = None if hard is None else round(row.pop("damage") / hard, 3)
+        row["damage_vs_hard"] = None if hard is None else round(row["damage"] / hard, 3)
     return {"null_dims": len(e), "by_weight": rows}
 
 

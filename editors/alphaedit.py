@@ -36,9 +36,10 @@ from .stats import Statistics
 
 @dataclass(frozen=True)
 class AlphaEditHyperParams(SequentialHyperParams):
-    # Both are scale-free, so the values tuned on SmolLM2 (the one real model we can load
-    # here) are every family's defaults; a null space holding 1 % of C filled up with the
-    # history's keys and collapsed before 200 sequential edits (docs/lifelong-editing.md).
+    # Both are scale-free. A null space holding 1 % of C filled up with the history's keys
+    # and collapsed before 200 sequential edits on SmolLM2; the Llama family takes 0.5 with
+    # lam_c 100, since 0.1 spans fewer dimensions than 500 edits' keys there
+    # (docs/lifelong-editing.md). Without lam_c a larger share takes in outlier directions.
     nullspace_energy: float = 0.1  # P spans C's weakest directions holding this share of it
     l2: float = 10.0  # ridge term, in units of C's mean eigenvalue (a key's energy per dim)
     # lam_c: here lam C counts only through C's energy left inside the null space (P C P);
