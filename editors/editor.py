@@ -51,6 +51,22 @@ class Editor:
         hparams = chosen.hparams(self.spec.family, overrides)
         return chosen.statistics_layers(hparams, num_layers(self.model, self.spec))
 
+    def missing_statistics(self, layers: list[int]) -> list[int]:
+        """Layers whose statistics are neither in memory nor computed yet."""
+        return self.stats.missing(layers) if isinstance(self.stats, CorpusStatistics) else []
+
+    def prepare_statistics(self, layers: list[int], progress: ProgressFn | None = None) -> None:
+        """Load or compute the statistics of `layers` now (on the weights the model holds),
+        reporting progress while computing."""
+        if not isinstance(self.stats, CorpusStatistics):
+            self.stats.prepare(layers)
+            return
+        before, self.stats.progress = self.stats.progress, progress
+        try:
+            self.stats.prepare(layers)
+        finally:
+            self.stats.progress = before
+
     def prefixes(self, hparams: Any) -> list[str]:
         key = (hparams.prefixes, hparams.prefix_length, hparams.seed)
         if key not in self._prefixes:

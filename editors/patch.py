@@ -120,6 +120,22 @@ class Patch:
         """Frobenius norm of each parameter's delta."""
         return {name: float(torch.linalg.norm(dense_of(d))) for name, d in self.deltas.items()}
 
+    @property
+    def subtractable(self) -> bool:
+        """Whether adding `negated()` takes this patch back: weight deltas only (codebook
+        entries are not sums, so they cannot be subtracted)."""
+        return not self.codebooks
+
+    def negated(self) -> Patch:
+        """The patch that subtracts this one's weight deltas (see `subtractable`)."""
+        if not self.subtractable:
+            raise PatchError(f"a {self.method} patch holds codebook entries", field="patch")
+        deltas: dict[str, Delta] = {
+            name: FactoredDelta(-d.left, d.right) if isinstance(d, FactoredDelta) else -d
+            for name, d in self.deltas.items()
+        }
+        return Patch(self.method, deltas, {**self.metadata, "negated": "true"})
+
     def merged(self, other: Patch) -> Patch:
         """One patch with both patches' deltas (factored deltas concatenate their ranks)."""
         deltas = dict(self.deltas)

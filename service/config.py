@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     data_dir: Path = Field(Path("editserve-data"), description="ledger and blobs (embedded)")
     database_url: str | None = Field(None, description="default: SQLite in data_dir")
+    blob_store: Literal["database", "filesystem"] = Field(
+        "database", description="where patch blobs live: the ledger database, or blob_dir"
+    )
     blob_dir: Path | None = Field(None, description="default: data_dir/blobs")
     redis_url: str | None = Field(None, description="unset: the in-process queue")
     cache_dir: Path = Field(default_factory=default_cache_dir)
@@ -43,6 +46,12 @@ class Settings(BaseSettings):
     worker_name: str = Field("worker-1", description="stable Redis consumer name")
     queue_name: str = Field("editserve", description="Redis key prefix of the job stream")
     queue_poll_seconds: float = Field(2.0, gt=0, description="ledger poll when no message")
+    writer_lease_seconds: float = Field(
+        3.0, gt=0, description="a writer silent this long is replaced by a standby"
+    )
+    follow_poll_seconds: float = Field(
+        1.0, gt=0, description="ledger poll for new versions (notices come at once with Redis)"
+    )
     max_prompt_tokens: int = Field(512, gt=0)
     max_new_tokens: int = Field(1024, gt=0)
     max_edits_per_job: int = Field(1000, gt=0)

@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine as DbEngine
+from sqlalchemy.orm import Session, sessionmaker
 
 from editors.models import load_model
 
@@ -18,12 +19,15 @@ from .api.limits import RateLimiter
 from .auth import KeyStore
 from .config import Settings
 from .engine.engine import Engine, resolve_device, torch_dtype
+from .engine.lease import Role, WriterLease, process_identity
 from .evaluations.jobs import EvaluationWorker
-from .ledger.blobs import FileBlobStore
+from .follower import HeadFollower
+from .ledger.blobs import BlobStore, DatabaseBlobStore, FileBlobStore
 from .ledger.db import make_engine, migrate, session_factory
 from .ledger.store import Ledger
 from .observability import ServiceMetrics
 from .queue import JobQueue, QueueUnavailableError, make_queue
+from .queue.notices import VersionNotices
 from .worker import EditWorker
 
 log = logging.getLogger(__name__)
@@ -34,7 +38,7 @@ class ServiceState:
     settings: Settings
     db: DbEngine
     ledger: Ledger
-    blobs: FileBlobStore
+    blobs: BlobStore
     queue: JobQueue
     keys: KeyStore
     limiter: RateLimiter
@@ -42,6 +46,10 @@ class ServiceState:
     engine: Engine | None = None
     worker: EditWorker | None = None
     evaluation_worker: EvaluationWorker | None = None
+    follower: HeadFollower | None = None
+    lease: WriterLease | None = None
+    notices: VersionNotices | None = None
+    identity: str = ""
     boot_error: str | None = None
     _boot_thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -51,14 +59,22 @@ class ServiceState:
         if run_migrations:
             migrate(url)
         db = make_engine(url)
+        sessions = session_factory(db)
+        notices = (
+            VersionNotices(settings.redis_url, f"{settings.queue_name}:versions")
+            if settings.redis_url
+            else None
+        )
         return cls(
             settings=settings,
             db=db,
-            ledger=Ledger(session_factory(db), model=settings.model),
-            blobs=FileBlobStore(settings.resolved_blob_dir),
+            ledger=Ledger(sessions, model=settings.model),
+            blobs=_blob_store(settings, sessions),
             queue=make_queue(settings.redis_url, settings.worker_name, settings.queue_name),
-            keys=KeyStore(session_factory(db)),
+            keys=KeyStore(sessions),
             limiter=RateLimiter(settings.rate_limit_per_minute),
+            notices=notices,
+            identity=process_identity(settings.worker_name),
         )
 
     def boot(self, run_worker: bool) -> None:
@@ -87,14 +103,23 @@ class ServiceState:
                 precompute_statistics=self.settings.precompute_statistics,
                 max_job_attempts=self.settings.max_job_attempts,
                 guard=self.settings.guard_limits,
+                announce=self.notices.publish if self.notices is not None else lambda n: None,
+                identity=self.identity,
             )
             self.engine = engine
             engine.start()
+            self.follower = HeadFollower(engine, self.notices, self.settings.follow_poll_seconds)
+            self.follower.start()
             if run_worker:
-                self.worker = EditWorker(engine, self.queue, self.settings.queue_poll_seconds)
+                self.lease = WriterLease(
+                    self.ledger.leases, self.identity, self.settings.writer_lease_seconds
+                )
+                self.worker = EditWorker(
+                    engine, self.queue, self.lease, self.settings.queue_poll_seconds
+                )
                 self._republish_pending()
                 self.worker.start()
-                self.evaluation_worker = EvaluationWorker(engine, self.settings)
+                self.evaluation_worker = EvaluationWorker(engine, self.settings, self.lease)
                 self.evaluation_worker.start()
         except Exception as exc:
             log.exception("start-up failed")
@@ -119,6 +144,10 @@ class ServiceState:
             log.warning("could not re-send pending jobs: %s (the worker polls the ledger)", exc)
 
     @property
+    def role(self) -> Role:
+        return self.lease.role if self.lease is not None else Role.follower
+
+    @property
     def ready(self) -> bool:
         return self.engine is not None and self.engine.state.ready
 
@@ -128,7 +157,18 @@ class ServiceState:
             self.evaluation_worker.stop()
         if self.worker is not None:
             self.worker.stop()
+        if self.follower is not None:
+            self.follower.stop()
         if self.engine is not None:
             self.engine.close()
         self.queue.close()
+        if self.notices is not None:
+            self.notices.close()
         self.db.dispose()
+
+
+def _blob_store(settings: Settings, sessions: sessionmaker[Session]) -> BlobStore:
+    folder = settings.resolved_blob_dir
+    if settings.blob_store == "filesystem":
+        return FileBlobStore(folder)
+    return DatabaseBlobStore(sessions, FileBlobStore(folder) if folder.is_dir() else None)

@@ -154,7 +154,7 @@ def test_disk_full_on_the_blob_store_fails_the_edit_and_applies_nothing(tiny_set
     blobs.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(blobs)], check=True)
     try:
-        with running_app(tiny_settings(blob_dir=blobs)) as client:
+        with running_app(tiny_settings(blob_store="filesystem", blob_dir=blobs)) as client:
             before = client.get("/v1/model").json()
             filler = blobs / "filler"
             with contextlib.suppress(OSError), filler.open("wb", buffering=0) as handle:

@@ -113,7 +113,9 @@ def test_chains_and_live_edits_follow_rollbacks_and_reverts(ledger):
     assert [v.number for v in ledger.chain(3)] == [0, 1, 2, 3]
     assert live_edits(ledger.chain(3)) == {ids[0]: 1, ids[1]: 2, ids[2]: 3}
     job = ledger.accept_job(JobKind.rollback, {"to_version": 1})
-    ledger.add_version(NewVersion(VersionKind.rollback, parent=1, checksum="c1"), job.id, True)
+    ledger.add_version(
+        NewVersion(VersionKind.rollback, parent=1, checksum="c1", on_head=3), job.id, True
+    )
     assert [v.number for v in ledger.chain(4)] == [0, 1, 4]
     assert live_edits(ledger.chain(4)) == {ids[0]: 1}
     job = ledger.accept_job(JobKind.revert, {"edit_id": ids[0], "mode": "subtract"})

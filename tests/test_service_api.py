@@ -221,14 +221,19 @@ def test_bfloat16_serving_stays_exact_through_edits_rollback_and_restart(tiny_se
 def test_a_corrupt_patch_blob_is_detected_at_start_up_and_never_applied(tiny_settings):
     from fastapi.testclient import TestClient
 
+    from sqlalchemy import text
+
     from service.api.app import create_app
+    from service.ledger.db import make_engine
 
     settings = tiny_settings()
     with running_app(settings) as client:
         _apply(client, FACTS[0])
         sha = client.get("/v1/versions").json()[0]["patch_sha256"]
-    blob = next(settings.resolved_blob_dir.rglob(f"{sha}.safetensors"))
-    blob.write_bytes(blob.read_bytes()[:-8] + b"\x00" * 8)  # flipped bytes, same size
+    with make_engine(settings.resolved_database_url).begin() as db:  # blobs live in the ledger
+        data = db.execute(text("SELECT data FROM blobs WHERE sha256 = :s"), {"s": sha}).scalar()
+        flipped = bytes(data)[:-8] + b"\x00" * 8  # flipped bytes, same size
+        db.execute(text("UPDATE blobs SET data = :d WHERE sha256 = :s"), {"d": flipped, "s": sha})
     with TestClient(create_app(settings)) as client:
         for _ in range(600):
             ready = client.get("/readyz")

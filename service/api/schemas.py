@@ -149,6 +149,7 @@ class ModelOut(BaseModel):
     edited_parameters: list[str]
     edited_layers: list[int]
     live_edits: int
+    role: str = Field(description="writer, standby (takes over when the writer dies) or follower")
 
 
 class GenerateParameters(BaseModel):

@@ -100,20 +100,24 @@ class WeightState:
         self._publish_codebooks(set(patch.codebooks))
 
     @torch.no_grad()
-    def restore(self, patches: list[Patch]) -> None:
-        """Weights = base + `patches` in order (exact: same sequence, same bytes)."""
+    def restore(self, patches: list[Patch], only: set[str] | None = None) -> None:
+        """Weights = base + `patches` in order (exact: same sequence, same bytes). With
+        `only`, just those parameters are recomputed: the caller knows the others already
+        hold this sum (they are touched by no patch that differs)."""
         for patch in patches:
             self.check_fits(patch)
-        for name in list(self._master):
+        redo = set(self._master) if only is None else set(only)
+        for name in redo & set(self._master):
             self._master[name] = self._base[name].float().clone()
         touched = set(self._codebooks)
         self._codebooks = {}
         for patch in patches:
             for name in patch.parameter_names:
-                master = self._track(name)
-                master += dense_of(patch.deltas[name]).to(master.device)
+                if name in redo:
+                    master = self._track(name)
+                    master += dense_of(patch.deltas[name]).to(master.device)
             self._add_entries(patch)
-        for name in self._master:
+        for name in redo & set(self._master):
             self._publish(name)
         self._publish_codebooks(touched | set(self._codebooks))
 

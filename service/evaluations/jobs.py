@@ -19,6 +19,8 @@ from editors.evaluation import EvaluationPlan, EvaluationRow, run_evaluation
 
 from ..config import Settings
 from ..engine.engine import Engine
+from ..engine.lease import WriterLease
+from ..ledger.lease import StaleWriterError
 from ..engine.progress import JobProgress
 from ..ledger.schema import Job, Status
 from ..ledger.store import Ledger
@@ -61,8 +63,13 @@ def where_stopped(ledger: Ledger, job_id: int) -> str:
 
 
 class EvaluationWorker:
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    """Runs evaluation jobs in the process that holds the writer lease (so two processes
+    never run, or declare interrupted, the same job); its ledger writes carry the token."""
+
+    def __init__(self, engine: Engine, settings: Settings, lease: WriterLease) -> None:
         self.engine, self.settings, self.ledger = engine, settings, engine.ledger
+        self.lease = lease
+        self.fence: int | None = None
         self.stop_event = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -77,12 +84,18 @@ class EvaluationWorker:
 
     def run(self) -> None:
         while not self.stop_event.is_set():
+            self.fence = self.lease.token
+            if self.fence is None:
+                self.stop_event.wait(self.settings.queue_poll_seconds)
+                continue
             try:
                 job = self.ledger.next_pending_job(evaluations=True)
                 if job is None:
                     self.stop_event.wait(self.settings.queue_poll_seconds)
                     continue
                 self.run_job(job)
+            except StaleWriterError as exc:
+                log.warning("evaluation worker stands down: %s", exc)
             except SQLAlchemyError:
                 log.exception("ledger unavailable; evaluation worker retries")
                 self.stop_event.wait(1.0)
@@ -91,15 +104,18 @@ class EvaluationWorker:
         if job.status == Status.running:
             # its process died mid-run: the rows it wrote stand; it is not run again
             stopped = f"interrupted {where_stopped(self.ledger, job.id)}; results kept"
-            self.ledger.finish_job(job.id, Status.failed, stopped, "Interrupted")
+            self.ledger.finish_job(job.id, Status.failed, stopped, "Interrupted", fence=self.fence)
             return
-        job = self.ledger.start_job(job.id)
+        claimed = self.ledger.start_job(job.id, self.fence, self.engine.jobs.identity)
+        if claimed is None:
+            return
+        job = claimed
         extra = {"job_id": job.id}
         log.info("evaluation job %s started", job.id, extra=extra)
         started = time.perf_counter()
         try:
             status, error, error_type = self._evaluate(job)
-        except SQLAlchemyError:
+        except (SQLAlchemyError, StaleWriterError):
             raise
         except EditError as exc:
             status, error, error_type = Status.rejected, str(exc), type(exc).__name__
@@ -107,7 +123,7 @@ class EvaluationWorker:
             log.exception("evaluation job %s failed", job.id, extra=extra)
             status, error = Status.failed, f"{exc} ({where_stopped(self.ledger, job.id)})"
             error_type = type(exc).__name__
-        self.ledger.finish_job(job.id, status, error, error_type)
+        self.ledger.finish_job(job.id, status, error, error_type, fence=self.fence)
         seconds = time.perf_counter() - started
         log.info("evaluation job %s %s in %.1f s", job.id, status, seconds, extra=extra)
 
@@ -132,7 +148,7 @@ class EvaluationWorker:
             )
         finally:
             del editor  # the copy's memory goes back now, not at the next collection
-        self.ledger.set_job_result(job.id, summary)
+        self.ledger.set_job_result(job.id, summary, self.fence)
         if summary["completed"]:
             return Status.completed, None, None
         if self.stop_event.is_set():

@@ -1,8 +1,9 @@
 """Content-addressed storage of patch blobs: bytes named by their sha256, verified on read.
 
-`BlobStore` is the interface (an S3 store would implement the same three methods); the
-filesystem store is the default. Writes go to a temporary file and are renamed into place,
-so a crash never leaves a truncated blob under a valid name.
+`BlobStore` is the interface (an S3 store would implement the same three methods). The
+database store keeps blobs in the ledger database, so every replica reads them with only
+the database URL (the default); the filesystem store writes to a temporary file and renames
+it into place, so a crash never leaves a truncated blob under a valid name.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Protocol
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .schema import Blob
 
 
 class BlobError(RuntimeError):
@@ -24,6 +30,12 @@ class BlobStore(Protocol):
     def get(self, sha256: str) -> bytes: ...
 
     def exists(self, sha256: str) -> bool: ...
+
+
+def _checked(sha256: str, data: bytes, where: str) -> bytes:
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise BlobError(f"patch blob {sha256} in {where} is corrupt (its bytes hash differently)")
+    return data
 
 
 class FileBlobStore:
@@ -60,9 +72,44 @@ class FileBlobStore:
             data = path.read_bytes()
         except FileNotFoundError:
             raise BlobError(f"patch blob {sha256} is missing from {self.root}") from None
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise BlobError(f"patch blob {sha256} is corrupt (its bytes hash differently)")
-        return data
+        return _checked(sha256, data, str(self.root))
 
     def exists(self, sha256: str) -> bool:
         return self._path(sha256).exists()
+
+
+class DatabaseBlobStore:
+    """Blobs as rows of the ledger database. Blobs an older deployment wrote to a folder
+    are still read from `fallback`."""
+
+    def __init__(
+        self, sessions: sessionmaker[Session], fallback: FileBlobStore | None = None
+    ) -> None:
+        self.sessions, self.fallback = sessions, fallback
+
+    def put(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        if self.exists(sha):
+            return sha
+        try:
+            with self.sessions.begin() as session:
+                session.add(Blob(sha256=sha, data=data, size=len(data)))
+        except IntegrityError:
+            pass  # written meanwhile by another process: same name, same bytes
+        return sha
+
+    def get(self, sha256: str) -> bytes:
+        with self.sessions() as session:
+            blob = session.get(Blob, sha256)
+            data = bytes(blob.data) if blob is not None else None
+        if data is not None:
+            return _checked(sha256, data, "the ledger database")
+        if self.fallback is not None and self.fallback.exists(sha256):
+            return self.fallback.get(sha256)
+        raise BlobError(f"patch blob {sha256} is missing from the ledger database")
+
+    def exists(self, sha256: str) -> bool:
+        with self.sessions() as session:
+            if session.get(Blob, sha256) is not None:
+                return True
+        return self.fallback is not None and self.fallback.exists(sha256)

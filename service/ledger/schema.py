@@ -15,6 +15,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     false,
@@ -82,6 +83,7 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # what the job produced
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    claimed_by: Mapped[str | None] = mapped_column(String(128))  # the process that ran it last
 
 
 class EvaluationResult(Base):
@@ -156,3 +158,35 @@ class ApiKey(Base):
     scopes: Mapped[list[Any]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Lineage(Base):
+    """The one row that makes the ledger a single chain with a single writer.
+
+    `head` is the newest version: a version is inserted only by moving `head` from the
+    version it was computed on (compare-and-set), so two writers cannot both extend it.
+    `token` is the writer lease's fencing token: it grows at every take-over, and every write
+    a writer makes checks it, so a writer that lost its lease commits nothing. The holder
+    bumps `beat` while alive; a standby that sees `beat` stand still for the lease time takes
+    over (no clocks compared across machines).
+    """
+
+    __tablename__ = "lineage"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    head: Mapped[int] = mapped_column(Integer)
+    writer: Mapped[str | None] = mapped_column(String(128))
+    token: Mapped[int] = mapped_column(Integer, default=0)
+    beat: Mapped[int] = mapped_column(Integer, default=0)
+    renewed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Blob(Base):
+    """A patch blob kept in the ledger database, so a replica needs only the database URL."""
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    size: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -12,11 +12,13 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from .lease import LINEAGE_ID, Leases, advance_head, check_fence
 from .schema import (
     Edit,
     EvaluationResult,
     Job,
     JobKind,
+    Lineage,
     Status,
     Version,
     VersionKind,
@@ -45,12 +47,21 @@ class NewVersion:
     reverts: int | None = None
     note: str = ""
     seconds: dict[str, float] | None = None
+    on_head: int | None = None  # the head it was computed on; None: its parent
+
+    @property
+    def computed_on(self) -> int:
+        return self.parent if self.on_head is None else self.on_head
 
 
 class Ledger:
+    """Writes that only the lease holder may make take its fencing token as `fence`
+    (None: unfenced, for tools and tests on a ledger no service is writing)."""
+
     def __init__(self, sessions: sessionmaker[Session], model: str) -> None:
         self.sessions = sessions
         self.model = model
+        self.leases = Leases(sessions)
 
     # -- versions ---------------------------------------------------------------------------
 
@@ -70,11 +81,14 @@ class Ledger:
                     seconds={},
                 )
                 session.add(base)
+                session.flush()
             elif base.checksum != checksum:
                 raise LedgerMismatchError(
                     f"the ledger's base weights ({base.model}, checksum {base.checksum[:12]}) "
                     f"differ from the loaded model ({self.model}, checksum {checksum[:12]})"
                 )
+            if session.get(Lineage, LINEAGE_ID) is None:
+                session.add(Lineage(id=LINEAGE_ID, head=0, writer=None, token=0, beat=0))
             return base
 
     def head(self) -> Version:
@@ -121,46 +135,61 @@ class Ledger:
         finish_job: bool,
         applied_edits: Iterable[str] = (),
         diagnostics: dict[str, dict[str, Any]] | None = None,
+        fence: int | None = None,
     ) -> Version:
-        """Append a version and, in the same transaction, mark its edits (and job) applied.
-
-        The number is head + 1; two writers racing for it collide on the primary key.
-        """
+        """Append a version on top of the head it was computed on and, in the same
+        transaction, mark its edits (and job) applied. Fails with StaleWriterError when the
+        head has moved since or the lease is no longer `fence`'s."""
         with self.sessions.begin() as session:
-            number = (session.scalar(select(func.max(Version.number))) or 0) + 1
-            version = Version(
-                number=number,
-                parent=new.parent,
-                kind=new.kind,
-                job_id=job_id,
-                patch_sha256=new.patch_sha256,
-                checksum=new.checksum,
-                edit_ids=list(new.edit_ids),
-                reverts=new.reverts,
-                model=self.model,
-                note=new.note,
-                seconds=dict(new.seconds or {}),
-            )
-            session.add(version)
+            version = self._insert(session, new, job_id, fence)
             now = utcnow()
             for edit_id in applied_edits:
                 edit = session.get(Edit, edit_id)
                 assert edit is not None
                 if edit.status != Status.applied:
-                    edit.status, edit.version, edit.applied_at = Status.applied, number, now
+                    edit.status, edit.version, edit.applied_at = Status.applied, version.number, now
                 if diagnostics and edit_id in diagnostics:
                     edit.diagnostics = diagnostics[edit_id]
-            job = session.get(Job, job_id)
-            assert job is not None
-            job.result_version = number
-            if finish_job:
-                job.status, job.stage, job.percent, job.finished_at = (
-                    Status.applied,
-                    "done",
-                    100.0,
-                    now,
-                )
+            self._close_job(session, job_id, version.number, finish_job)
             return version
+
+    def add_versions(
+        self, news: list[NewVersion], job_id: int, fence: int | None = None
+    ) -> list[Version]:
+        """Append several versions, each on the one before, and finish their job: all in
+        one transaction, so a crash leaves all of them or none (a rebase)."""
+        with self.sessions.begin() as session:
+            versions = [self._insert(session, new, job_id, fence) for new in news]
+            self._close_job(session, job_id, versions[-1].number, True)
+            return versions
+
+    def _insert(self, session: Session, new: NewVersion, job_id: int, fence: int | None) -> Version:
+        number = advance_head(session, new.computed_on, fence)
+        version = Version(
+            number=number,
+            parent=new.parent,
+            kind=new.kind,
+            job_id=job_id,
+            patch_sha256=new.patch_sha256,
+            checksum=new.checksum,
+            edit_ids=list(new.edit_ids),
+            reverts=new.reverts,
+            model=self.model,
+            note=new.note,
+            seconds=dict(new.seconds or {}),
+        )
+        session.add(version)
+        session.flush()
+        return version
+
+    @staticmethod
+    def _close_job(session: Session, job_id: int, number: int, finish: bool) -> None:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.result_version = number
+        if finish:
+            job.status, job.stage, job.percent = Status.applied, "done", 100.0
+            job.finished_at = utcnow()
 
     # -- jobs -------------------------------------------------------------------------------
 
@@ -219,8 +248,9 @@ class Ledger:
             query = select(Job).where(Job.kind == kind).order_by(Job.id.desc())
             return list(session.scalars(query.limit(limit).offset(offset)))
 
-    def set_job_result(self, job_id: int, result: dict[str, Any]) -> None:
+    def set_job_result(self, job_id: int, result: dict[str, Any], fence: int | None = None) -> None:
         with self.sessions.begin() as session:
+            check_fence(session, fence)
             job = session.get(Job, job_id)
             assert job is not None
             job.result = result
@@ -262,10 +292,16 @@ class Ledger:
             query = query.where(Job.status.in_([Status.queued, Status.running]))
             return int(session.scalar(query) or 0)
 
-    def start_job(self, job_id: int) -> Job:
+    def start_job(
+        self, job_id: int, fence: int | None = None, claimed_by: str | None = None
+    ) -> Job | None:
+        """Claim a queued or interrupted job (None: it ended meanwhile)."""
         with self.sessions.begin() as session:
+            check_fence(session, fence)
             job = session.get(Job, job_id)
-            assert job is not None
+            if job is None or job.status.terminal:
+                return None
+            job.claimed_by = claimed_by
             job.status, job.attempts, job.started_at = Status.running, job.attempts + 1, utcnow()
             job.stage, job.percent = "starting", 0.0
             for edit in session.scalars(select(Edit).where(Edit.job_id == job_id)):
@@ -286,9 +322,11 @@ class Ledger:
         error: str | None = None,
         error_type: str | None = None,
         result_version: int | None = None,
+        fence: int | None = None,
     ) -> None:
         """End a job; its edits that did not apply take the same status and error."""
         with self.sessions.begin() as session:
+            check_fence(session, fence)
             job = session.get(Job, job_id)
             assert job is not None
             job.status, job.error, job.error_type = status, error, error_type

@@ -1,4 +1,5 @@
-"""/healthz (the process answers) and /readyz (model loaded, ledger head restored)."""
+"""/healthz (the process answers) and /readyz (model loaded, ledger head restored; this
+process's role, the ledger head and how many versions behind it the served weights are)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ def healthz() -> dict[str, str]:
 @router.get("/readyz")
 def readyz(state: StateDep) -> JSONResponse:
     engine = state.engine
+    head = None
     try:
         with state.db.connect() as connection:
             connection.execute(text("SELECT 1"))
         database = "ok"
+        head = state.ledger.leases.head()
     except Exception as exc:
         database = f"unavailable: {type(exc).__name__}"
     body = {
@@ -32,7 +35,11 @@ def readyz(state: StateDep) -> JSONResponse:
         "checksum": engine.checksum if engine and state.ready else None,
         "database": database,
         "queue": "ok" if state.queue.ping() else "unavailable",
-        "worker": "in-process" if state.worker else "external",
+        "role": str(state.role),
+        "writer": state.lease.holder if state.lease is not None else None,
+        "head": head,
+        "lag": head - engine.version if head is not None and engine and state.ready else None,
+        "follow_error": engine.follow_error if engine else None,
         "startup_seconds": engine.state.seconds if engine else {},
     }
     return JSONResponse(body, status_code=200 if body["ready"] else 503)

@@ -48,6 +48,7 @@ async def get_model(state: StateDep, engine: EngineDep, response: Response) -> M
         edited_parameters=edited,
         edited_layers=layers,
         live_edits=len(live_edits(state.ledger.chain(head.number))),
+        role=str(state.role),
     )
 
 

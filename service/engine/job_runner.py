@@ -1,0 +1,362 @@
+"""The job runner: carries out one claimed ledger job with one small handler per kind.
+
+A handler computes on the lane, swaps the result into the served weights and records the
+version in one ledger transaction; if the record fails, the weights go back, so the served
+model is always at a recorded version. Every ledger write carries the writer's fencing
+token: a process that lost the writer lease records nothing (StaleWriterError).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from editors.errors import EditError
+from editors.patch import Patch
+from editors.result import EditResult
+
+from ..ledger.blobs import BlobStore
+from ..ledger.lease import StaleWriterError
+from ..ledger.schema import Job, JobKind, Status, Version, VersionKind
+from ..ledger.store import Ledger, NewVersion, live_edits
+from ..observability import ServiceMetrics, request_id
+from .guard import EditGuard, GuardReport
+from .model_runner import ModelRunner
+from .progress import JobProgress
+from .replayer import Replayer
+from .weights import WeightSnapshot
+
+log = logging.getLogger(__name__)
+
+
+class JobRejectedError(EditError):
+    """The job cannot be carried out as asked (the reason names the field)."""
+
+
+class GuardRejectedError(EditError):
+    """The edit guard measured too much damage; the edit is not recorded."""
+
+    def __init__(self, report: GuardReport) -> None:
+        figures = ", ".join(f"{k} {v}" for k, v in report.figures.items())
+        super().__init__(
+            f"refused by the edit guard: {'; '.join(report.reasons)} ({figures})", field="guard"
+        )
+        self.report = report
+
+
+@dataclasses.dataclass
+class _Run:
+    """One job being run: what every handler needs."""
+
+    job: Job
+    fence: int | None
+    progress: JobProgress
+
+
+class JobRunner:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        replayer: Replayer,
+        ledger: Ledger,
+        blobs: BlobStore,
+        guard: EditGuard | None = None,
+        metrics: ServiceMetrics | None = None,
+        max_job_attempts: int = 3,
+        announce: Callable[[int], None] = lambda number: None,
+        identity: str = "editserve",
+    ) -> None:
+        self.runner, self.replayer, self.ledger, self.blobs = runner, replayer, ledger, blobs
+        self.guard, self.metrics, self.max_job_attempts = guard, metrics, max_job_attempts
+        self.announce, self.identity = announce, identity
+
+    def run_job(self, job_id: int, fence: int | None = None) -> None:
+        """Run a job to its end. Raises StaleWriterError (this process must stand down) and
+        SQLAlchemyError (the ledger is unreachable: the job is retried when it is back)."""
+        job = self.ledger.job(job_id)
+        if job is None or job.status.terminal:
+            return  # idempotent: a redelivered job that already ended
+        token = request_id.set(job.payload.get("request_id"))
+        try:
+            self._run(job, fence)
+        finally:
+            request_id.reset(token)
+
+    def _run(self, job: Job, fence: int | None) -> None:
+        if job.attempts >= self.max_job_attempts:
+            message = f"interrupted {job.attempts} times while running; not retried"
+            self.ledger.finish_job(job.id, Status.failed, message, "Interrupted", fence=fence)
+            return
+        claimed = self.ledger.start_job(job.id, fence, self.identity)
+        if claimed is None:
+            return
+        run = _Run(claimed, fence, JobProgress(self.ledger, job.id))
+        started, status = time.perf_counter(), Status.applied
+        extra = {"job_id": job.id, "status": "running"}
+        log.info("job %s (%s) started, attempt %s", job.id, job.kind, claimed.attempts, extra=extra)
+        handler = {
+            JobKind.edit: self._edit,
+            JobKind.rollback: self._rollback,
+            JobKind.revert: self._revert,
+        }[job.kind]
+        try:
+            self.runner.lane.call(handler, run)
+        except (SQLAlchemyError, StaleWriterError):
+            raise
+        except EditError as exc:
+            status = Status.rejected
+            if isinstance(exc, GuardRejectedError):
+                self.ledger.set_job_result(job.id, {"guard": exc.report.to_dict()}, fence)
+            self.ledger.finish_job(job.id, status, str(exc), _error_type(exc), fence=fence)
+        except Exception as exc:
+            status = Status.failed
+            log.exception("job %s failed", job.id, extra={"job_id": job.id})
+            self.ledger.finish_job(job.id, status, str(exc), type(exc).__name__, fence=fence)
+        seconds = time.perf_counter() - started
+        extra = {"job_id": job.id, "status": str(status), "seconds": round(seconds, 3)}
+        log.info("job %s (%s) %s in %.2f s", job.id, job.kind, status, seconds, extra=extra)
+        if self.metrics is not None and job.kind == JobKind.edit:
+            method = str(job.payload.get("method", "unknown"))
+            self.metrics.edit_seconds.labels(method, str(status)).observe(seconds)
+
+    # -- recording (on the lane) --------------------------------------------------------------
+
+    def _store(self, patch: Patch) -> str:
+        sha = self.blobs.put(patch.to_bytes())
+        self.replayer.remember(sha, patch)
+        return sha
+
+    def _commit(
+        self,
+        run: _Run,
+        new: NewVersion,
+        patch: Patch | None,
+        applied_edits: list[str] | None = None,
+        diagnostics: dict[str, dict[str, Any]] | None = None,
+        applied_from: WeightSnapshot | None = None,
+    ) -> Version:
+        """Apply `patch` (unless `applied_from` says it already is, on top of that snapshot),
+        record the version; on any failure the weights go back."""
+        weights = self.runner.weights
+        undo = applied_from if applied_from is not None else weights.snapshot()
+        try:
+            run.progress(1.0, "recording the version")
+            sha = None
+            if patch is not None:
+                if applied_from is None:
+                    weights.apply(patch)
+                sha = self._store(patch)
+            new = dataclasses.replace(new, checksum=weights.checksum(), patch_sha256=sha)
+            version = self.ledger.add_version(
+                new, run.job.id, True, applied_edits or [], diagnostics, run.fence
+            )
+        except BaseException:
+            weights.reset_to(undo)
+            raise
+        self.replayer.committed(version)
+        self.announce(version.number)
+        return version
+
+    def _checked(self, patch: Patch, checksum: str, run: _Run) -> tuple[GuardReport | None, Any]:
+        """Apply `patch` through the guard (when one is configured): its report and the
+        snapshot that takes the patch back; refused patches raise GuardRejectedError."""
+        if self.guard is None:
+            return None, None
+        run.progress(1.0, "guard: measuring the edit's effect")
+        report, applied_from = self.guard.check(patch, self.runner.weights, checksum)
+        if not report.passed:
+            raise GuardRejectedError(report)
+        return report, applied_from
+
+    # -- handlers (on the lane) ---------------------------------------------------------------
+
+    def _edit(self, run: _Run) -> None:
+        edits = self.ledger.edits_of_job(run.job.id)
+        method, overrides = edits[0].method, edits[0].hparams
+        self.replayer.follow()
+        head = self.replayer.version
+        result = self.runner.compute(
+            [e.request for e in edits], method, overrides, run.progress, self.replayer.history
+        )
+        per_edit = _diagnostics_per_edit(result, [e.id for e in edits])
+        report, applied_from = self._checked(result.patch, self.replayer.checksum, run)
+        if report is not None:
+            for diagnostics in per_edit.values():
+                diagnostics["guard"] = report.to_dict()
+        self._commit(
+            run,
+            NewVersion(
+                kind=VersionKind.edit,
+                parent=head,
+                checksum="",
+                edit_ids=tuple(e.id for e in edits),
+                note=f"{method} edit of {len(edits)} fact(s)",
+                seconds=result.diagnostics.seconds,
+            ),
+            result.patch,
+            [e.id for e in edits],
+            per_edit,
+            applied_from,
+        )
+
+    def _rollback(self, run: _Run) -> None:
+        target = int(run.job.payload["to_version"])
+        if self.ledger.version(target) is None:
+            raise JobRejectedError(f"version {target} does not exist", field="to_version")
+        self.replayer.follow()
+        head = self.replayer.version
+        self.replayer.move_to(target)
+        try:
+            self._commit(
+                run,
+                NewVersion(
+                    kind=VersionKind.rollback,
+                    parent=target,
+                    checksum="",
+                    note=f"rollback to version {target}",
+                    on_head=head,
+                ),
+                None,
+            )
+        except BaseException:
+            self.replayer.move_to(head)
+            raise
+
+    def _revert(self, run: _Run) -> None:
+        edit_id, mode = str(run.job.payload["edit_id"]), str(run.job.payload["mode"])
+        self.replayer.follow()
+        chain = self.replayer.chain
+        carrier_number = live_edits(chain).get(edit_id)
+        if carrier_number is None:
+            raise JobRejectedError(
+                f"edit {edit_id} is not in effect at version {self.replayer.version}",
+                field="edit_id",
+            )
+        index = next(i for i, v in enumerate(chain) if v.number == carrier_number)
+        if mode == "subtract":
+            self._revert_subtract(run, chain[index], edit_id)
+        else:
+            self._revert_rebase(run, chain, index, edit_id)
+
+    def _revert_subtract(self, run: _Run, carrier: Version, edit_id: str) -> None:
+        if len(carrier.edit_ids) > 1:
+            raise JobRejectedError(
+                f"edit {edit_id} was applied in a batch of {len(carrier.edit_ids)}; "
+                "subtract removes whole patches only, use mode=rebase",
+                field="mode",
+            )
+        assert carrier.patch_sha256 is not None
+        patch = self.replayer.patch(carrier.patch_sha256)
+        if not patch.subtractable:
+            raise JobRejectedError(
+                f"edit {edit_id} is codebook entries ({patch.method}), which a subtraction "
+                "cannot take back; use mode=rebase",
+                field="mode",
+            )
+        self._commit(
+            run,
+            NewVersion(
+                kind=VersionKind.revert,
+                parent=self.replayer.version,
+                checksum="",
+                reverts=carrier.number,
+                note=f"revert edit {edit_id} (subtract the patch of version {carrier.number})",
+            ),
+            patch.negated(),
+        )
+
+    def _revert_rebase(self, run: _Run, chain: list[Version], index: int, edit_id: str) -> None:
+        """Back to the version before the edit, every later edit recomputed on top (each
+        through the guard); all the new versions are recorded in one transaction, so a crash
+        leaves either the old head or the whole rebase."""
+        head, served = self.replayer.version, self.replayer.chain
+        subtracted = {v.reverts for v in chain if v.reverts is not None}
+        carrier, later = chain[index], chain[index + 1 :]
+        steps: list[tuple[str, ...]] = []
+        if len(carrier.edit_ids) > 1:
+            steps.append(tuple(e for e in carrier.edit_ids if e != edit_id))
+        for version in later:
+            if (
+                version.patch_sha256
+                and version.reverts is None
+                and version.number not in subtracted
+            ):
+                steps.append(tuple(version.edit_ids))
+        restart = chain[index - 1].number
+        weights = self.runner.weights
+        undo = weights.snapshot()
+        try:
+            self.replayer.move_to(restart)
+            history = self.replayer.history()
+            news = [
+                NewVersion(
+                    kind=VersionKind.revert,
+                    parent=restart,
+                    checksum=self.replayer.checksum,
+                    note=f"revert edit {edit_id} (rebase): restart from version {restart}",
+                    on_head=head,
+                )
+            ]
+            for number, edit_ids in enumerate(steps):
+                run.progress.span = (number / len(steps), (number + 1) / len(steps))
+                result = self._recompute(run, edit_ids, history)
+                checksum = weights.checksum()
+                _, applied_from = self._checked(result.patch, checksum, run)
+                if applied_from is None:
+                    weights.apply(result.patch)
+                history = [*history, result.patch]
+                parent = head + len(news)
+                news.append(
+                    NewVersion(
+                        kind=VersionKind.rebase,
+                        parent=parent,
+                        checksum=weights.checksum(),
+                        patch_sha256=self._store(result.patch),
+                        edit_ids=edit_ids,
+                        note=f"{result.patch.method} edit of {len(edit_ids)} fact(s) "
+                        f"recomputed without edit {edit_id}",
+                        seconds=result.diagnostics.seconds,
+                        on_head=parent,
+                    )
+                )
+            run.progress(1.0, "recording the versions")
+            versions = self.ledger.add_versions(news, run.job.id, run.fence)
+        except BaseException:
+            weights.reset_to(undo)
+            self.replayer.chain = served
+            raise
+        self.replayer.chain = self.ledger.chain(versions[-1].number)
+        self.announce(versions[-1].number)
+
+    def _recompute(self, run: _Run, edit_ids: tuple[str, ...], history: list[Patch]) -> EditResult:
+        edits = self.ledger.edits_by_id(edit_ids)
+        prefixes = (edits[0].diagnostics or {}).get("prefixes")
+        return self.runner.compute(
+            [e.request for e in edits],
+            edits[0].method,
+            edits[0].hparams,
+            run.progress,
+            lambda: history,
+            prefixes,
+        )
+
+
+def _diagnostics_per_edit(result: EditResult, edit_ids: list[str]) -> dict[str, dict[str, Any]]:
+    d = result.diagnostics.to_dict()
+    per_edit = {}
+    for index, edit_id in enumerate(edit_ids):
+        one = dict(d)
+        for key in ("prob_before", "prob_after"):
+            values = d.get(key) or []
+            one[key] = values[index] if index < len(values) else None
+        per_edit[edit_id] = one
+    return per_edit
+
+
+def _error_type(exc: Exception) -> str:
+    return type(exc).__name__.removesuffix("Error") or "EditError"
