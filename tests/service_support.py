@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import redis
 from fastapi.testclient import TestClient
@@ -218,3 +219,69 @@ class PostgresServer:
         with contextlib.suppress(subprocess.CalledProcessError):
             self.stop()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class ServiceProcess:
+    """`editserve serve` (an API process) or `editserve worker` in its own OS process."""
+
+    def __init__(self, settings: Settings, kind: str, log: Path) -> None:
+        self.settings, self.kind, self.log = settings, kind, log
+        self.port = free_port() if kind == "serve" else None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServiceProcess:
+        command = [sys.executable, "-m", "service.cli", self.kind, "--log-level", "warning"]
+        if self.port is not None:
+            command += ["--port", str(self.port)]
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=settings_env(self.settings),
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def ready(self) -> bool:
+        if not self.alive():
+            raise AssertionError(f"{self.kind} process exited: {self.log.read_text()[-3000:]}")
+        if self.port is None:
+            return b"ready at version" in self.log.read_bytes()
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.alive():
+            assert self.process is not None
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def wait_all_ready(processes: list[ServiceProcess], timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        while not process.ready():
+            assert time.monotonic() < deadline, f"{process.kind} did not become ready"
+            time.sleep(0.1)

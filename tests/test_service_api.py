@@ -220,7 +220,6 @@ def test_bfloat16_serving_stays_exact_through_edits_rollback_and_restart(tiny_se
 
 def test_a_corrupt_patch_blob_is_detected_at_start_up_and_never_applied(tiny_settings):
     from fastapi.testclient import TestClient
-
     from sqlalchemy import text
 
     from service.api.app import create_app

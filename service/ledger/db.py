@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATION_LOCK = 0x45444954  # any fixed number: the advisory lock the migrating process holds
 
 
 def make_engine(url: str) -> Engine:
@@ -45,7 +49,35 @@ def alembic_config(url: str) -> Config:
 
 
 def migrate(url: str, revision: str = "head") -> None:
-    """Bring the ledger schema to `revision` (idempotent)."""
-    if url.startswith("sqlite"):
-        make_engine(url).dispose()  # creates the folder of the database file
-    command.upgrade(alembic_config(url), revision)
+    """Bring the ledger schema to `revision` (idempotent). Processes starting together
+    take turns: on PostgreSQL under an advisory lock, on SQLite under the file's lock."""
+    engine = make_engine(url)  # on SQLite this creates the folder of the database file
+    try:
+        with engine.connect() as connection:
+            if engine.dialect.name == "postgresql":
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+                try:
+                    command.upgrade(alembic_config(url), revision)
+                finally:
+                    connection.execute(
+                        text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK}
+                    )
+            else:
+                with _file_lock(url):
+                    command.upgrade(alembic_config(url), revision)
+    finally:
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def _file_lock(url: str) -> Iterator[None]:
+    path = url.split("///", 1)[-1]
+    if not path or path == ":memory:":
+        yield
+        return
+    with open(f"{path}.migrate-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

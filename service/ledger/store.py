@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .lease import LINEAGE_ID, Leases, advance_head, check_fence
@@ -66,7 +67,14 @@ class Ledger:
     # -- versions ---------------------------------------------------------------------------
 
     def ensure_base(self, checksum: str) -> Version:
-        """Record version 0 (the base weights) on first start; refuse other base weights."""
+        """Record version 0 (the base weights) on first start; refuse other base weights.
+        Processes starting together on a new ledger race to record it: the losers read it."""
+        try:
+            return self._ensure_base(checksum)
+        except IntegrityError:
+            return self._ensure_base(checksum)
+
+    def _ensure_base(self, checksum: str) -> Version:
         with self.sessions.begin() as session:
             base = session.get(Version, 0)
             if base is None:
