@@ -239,3 +239,34 @@ class _Client:
 
     def post(self, path: str, **kwargs: object) -> httpx.Response:
         return httpx.post(f"{self.url}{path}", timeout=30, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_follower_that_cannot_read_a_blob_stays_at_its_last_good_version(cluster, tmp_path):
+    _, start = cluster
+    shared, unreachable = tmp_path / "blobs-writer", tmp_path / "blobs-follower"
+    unreachable.mkdir()
+    writer = start("serve", "writer", blob_store="filesystem", blob_dir=shared)
+    follower = start(
+        "serve", "follower", run_worker=False, blob_store="filesystem", blob_dir=unreachable
+    )
+    wait_all_ready([writer, follower])
+    client = _Client(writer.url)
+    job = wait_job(client, client.post("/v1/edits", json=_edit_body(0)).json()["job_id"])
+    assert job["status"] == "applied", job
+    deadline = time.monotonic() + 10
+    while not (ready := httpx.get(f"{follower.url}/readyz").json())["follow_error"]:
+        assert time.monotonic() < deadline, ready
+        time.sleep(0.05)
+    assert "missing" in ready["follow_error"] and ready["lag"] == 1 and ready["version"] == 0
+    answer = httpx.post(f"{follower.url}/v1/generate", json={"inputs": "Hi"}).json()
+    assert answer["model_version"] == 0  # it serves the last version it could build
+    for blob in shared.rglob("*.safetensors"):  # the blob becomes readable: it catches up
+        target = unreachable / blob.relative_to(shared)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(blob.read_bytes())
+    deadline = time.monotonic() + 10
+    while (ready := httpx.get(f"{follower.url}/readyz").json())["version"] != 1:
+        assert time.monotonic() < deadline, ready
+        time.sleep(0.05)
+    assert ready["follow_error"] is None and ready["lag"] == 0
+    assert ready["checksum"] == httpx.get(f"{writer.url}/v1/model").json()["checksum"]
