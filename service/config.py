@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     guard_max_canary_nll_rise: float = Field(0.1, ge=0, description="nats, canary answers")
     guard_max_delta_ratio: float = Field(0.5, gt=0, description="|delta| / |W| per matrix")
     guard_max_entropy_drop: float = Field(0.3, ge=0, le=1, description="generation entropy")
+    guard_max_total_perplexity_rise: float = Field(0.5, ge=0, description="against the base")
+    guard_max_total_canary_changed: float = Field(0.5, ge=0, le=1, description="against the base")
+    guard_max_total_canary_nll_rise: float = Field(0.5, ge=0, description="against the base")
+    guard_max_total_delta_ratio: float = Field(1.0, gt=0, description="|W - W_base| / |W_base|")
+    guard_max_total_entropy_drop: float = Field(0.5, ge=0, le=1, description="against the base")
     job_wait_seconds: float = Field(120.0, ge=0, description="longest wait of wait=true calls")
     log_format: Literal["json", "text"] = "json"
     host: str = "127.0.0.1"
@@ -87,6 +92,11 @@ class Settings(BaseSettings):
             self.guard_max_canary_nll_rise,
             self.guard_max_delta_ratio,
             self.guard_max_entropy_drop,
+            self.guard_max_total_perplexity_rise,
+            self.guard_max_total_canary_changed,
+            self.guard_max_total_canary_nll_rise,
+            self.guard_max_total_delta_ratio,
+            self.guard_max_total_entropy_drop,
         )
 
     @property

@@ -63,7 +63,11 @@ class Engine:
         self.replayer = Replayer(self.runner.weights, ledger, blobs)
         self.runner.version = lambda: self.replayer.version
         self.runner.before_read = self._catch_up
-        self.guard = EditGuard(model, tok, guard) if guard is not None and guard.enabled else None
+        self.guard = (
+            EditGuard(model, tok, guard, self.runner.on_base)
+            if guard is not None and guard.enabled
+            else None
+        )
         self.jobs = JobRunner(
             self.runner,
             self.replayer,

@@ -7,13 +7,16 @@ Figures, each against the model as it is before the edit (cached per version):
   canary_nll_rise    mean rise of the canary answers' token NLL (nats): damage short of a flip
   delta_ratio        largest |delta|_F / |W|_F over the edited matrices
   entropy_drop       relative fall of the n-gram entropy of greedy generations
+and the same against the base weights (`total_*`, with limits of their own), so a run of
+edits each just under the per-edit limits cannot drift the model away step by step.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -40,6 +43,9 @@ CANARIES: tuple[tuple[str, str], ...] = (
 FLUENCY_PROMPTS = ("The history of the city", "In the morning, she", "Scientists have found")
 
 
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
 class GuardLimits:
     enabled: bool = True
@@ -48,6 +54,20 @@ class GuardLimits:
     max_canary_nll_rise: float = 0.1
     max_delta_ratio: float = 0.5
     max_entropy_drop: float = 0.3
+    # against the base weights: what all the live edits together may do
+    max_total_perplexity_rise: float = 0.5
+    max_total_canary_changed: float = 0.5
+    max_total_canary_nll_rise: float = 0.5
+    max_total_delta_ratio: float = 1.0
+    max_total_entropy_drop: float = 0.5
+
+    def checks(self) -> list[tuple[str, float]]:
+        """(figure, limit) pairs, per edit then cumulative."""
+        names = ("perplexity_rise", "canary_changed", "canary_nll_rise", "delta_ratio")
+        names += ("entropy_drop",)
+        return [(n, getattr(self, f"max_{n}")) for n in names] + [
+            (f"total_{n}", getattr(self, f"max_total_{n}")) for n in names
+        ]
 
 
 @dataclass
@@ -71,10 +91,16 @@ class _Health:
 
 class EditGuard:
     def __init__(
-        self, model: PreTrainedModel, tok: PreTrainedTokenizerBase, limits: GuardLimits
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        limits: GuardLimits,
+        on_base: Callable[[Callable[[], Any]], Any],
     ) -> None:
-        self.model, self.tok, self.limits = model, tok, limits
+        """`on_base(work)` runs `work` on the base weights and puts the current ones back."""
+        self.model, self.tok, self.limits, self.on_base = model, tok, limits, on_base
         self._before: tuple[str, _Health] | None = None  # (checksum, health) of the last version
+        self._base: _Health | None = None
 
     def _health(self) -> _Health:
         canaries = score_pairs(self.model, self.tok, list(CANARIES))
@@ -92,13 +118,15 @@ class EditGuard:
         that passes stays applied, returned with the snapshot that takes it back (so the
         commit need not apply it a second time); one that fails is taken back here."""
         started = time.perf_counter()
+        if self._base is None:
+            self._base = self.on_base(self._health)
         if self._before is None or self._before[0] != checksum:
             self._before = (checksum, self._health())
-        before = self._before[1]
+        before, base = self._before[1], self._base
         ratio = max(
             (
                 float(torch.linalg.norm(dense_of(delta)))
-                / max(float(torch.linalg.norm(weights.params[name].float())), 1e-12)
+                / max(float(torch.linalg.norm(weights.params[name].detach().float())), 1e-12)
                 for name, delta in patch.deltas.items()
             ),
             default=0.0,
@@ -107,36 +135,22 @@ class EditGuard:
         try:
             weights.apply(patch)
             after = self._health()
+            total_ratio = weights.drift(patch.parameter_names)
         except BaseException:
             weights.reset_to(undo)
             raise
-        changed = sum(
-            a != b
-            for new, old in zip(after.canary_tokens, before.canary_tokens, strict=True)
-            for a, b in zip(new, old, strict=True)
-        ) / sum(len(tokens) for tokens in before.canary_tokens)
         figures = {
             "perplexity_before": before.perplexity,
             "perplexity_after": after.perplexity,
-            "perplexity_rise": after.perplexity / before.perplexity - 1,
-            "canary_changed": changed,
-            "canary_nll_rise": sum(after.canary_nll) / len(CANARIES)
-            - sum(before.canary_nll) / len(CANARIES),
-            "delta_ratio": ratio,
             "entropy_before": before.entropy,
             "entropy_after": after.entropy,
-            "entropy_drop": 1 - after.entropy / before.entropy if before.entropy else 0.0,
+            "perplexity_base": base.perplexity,
+            **_damage(before, after, ratio),
+            **{f"total_{k}": v for k, v in _damage(base, after, total_ratio).items()},
         }
-        limits = self.limits
         reasons = [
             f"{name} {figures[name]:.3f} exceeds {limit}"
-            for name, limit in (
-                ("perplexity_rise", limits.max_perplexity_rise),
-                ("canary_changed", limits.max_canary_changed),
-                ("canary_nll_rise", limits.max_canary_nll_rise),
-                ("delta_ratio", limits.max_delta_ratio),
-                ("entropy_drop", limits.max_entropy_drop),
-            )
+            for name, limit in self.limits.checks()
             if figures[name] > limit
         ]
         if reasons:
@@ -146,3 +160,18 @@ class EditGuard:
             not reasons, {k: round(v, 4) for k, v in figures.items()}, reasons, seconds
         )
         return report, None if reasons else undo
+
+
+def _damage(before: _Health, after: _Health, delta_ratio: float) -> dict[str, float]:
+    changed = sum(
+        a != b
+        for new, old in zip(after.canary_tokens, before.canary_tokens, strict=True)
+        for a, b in zip(new, old, strict=True)
+    ) / sum(len(tokens) for tokens in before.canary_tokens)
+    return {
+        "perplexity_rise": after.perplexity / before.perplexity - 1,
+        "canary_changed": changed,
+        "canary_nll_rise": (sum(after.canary_nll) - sum(before.canary_nll)) / len(CANARIES),
+        "delta_ratio": delta_ratio,
+        "entropy_drop": 1 - after.entropy / before.entropy if before.entropy else 0.0,
+    }

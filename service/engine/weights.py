@@ -121,6 +121,17 @@ class WeightState:
             self._publish(name)
         self._publish_codebooks(touched | set(self._codebooks))
 
+    def drift(self, names: list[str]) -> float:
+        """Largest |W - W_base|_F / |W_base|_F over `names`: how far all the edits together
+        moved those matrices."""
+        ratios = [
+            float(torch.linalg.norm(self._master[n] - self._base[n].float()))
+            / max(float(torch.linalg.norm(self._base[n].float())), 1e-12)
+            for n in names
+            if n in self._master
+        ]
+        return max(ratios, default=0.0)
+
     def snapshot(self) -> WeightSnapshot:
         masters = {name: master.clone() for name, master in self._master.items()}
         return WeightSnapshot(masters, dict(self._codebooks))
