@@ -5,6 +5,10 @@ key k_j lies within its radius (|x - k_j| <= r_j) the module's output there is r
 the value v_j, otherwise it passes unchanged. No weight changes: the entries are the whole
 edit. They live on the module as plain state read by one forward hook, so a deep copy of the
 model carries them, and applying or reverting a patch only swaps the module's codebook.
+
+Each entry also keeps its context: the tokens whose last position produced its key. A later
+change of the weights below the module moves the inputs there; `fresh_keys` reads the keys
+again from the contexts on the changed model, so the entries still fire where they should.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ class Codebook:
     keys: torch.Tensor  # [n, d_in] module inputs that trigger an entry
     values: torch.Tensor  # [n, d_out] the module outputs put there instead
     radii: torch.Tensor  # [n] how far from its key an input still triggers the entry
+    # per entry, the token ids whose last position gave its key (None: not recorded)
+    contexts: tuple[torch.Tensor, ...] | None = None
 
     def __post_init__(self) -> None:
         n = self.keys.shape[0]
@@ -31,19 +37,35 @@ class Codebook:
             raise ValueError("a codebook needs keys [n, d_in], values [n, d_out], radii [n]")
         if self.values.shape[0] != n:
             raise ValueError("a codebook needs as many values as keys")
+        if self.contexts is not None and len(self.contexts) != n:
+            raise ValueError("a codebook needs one context per key, or none")
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
 
     def extended(self, more: Codebook) -> Codebook:
+        contexts = (
+            (*self.contexts, *more.contexts)
+            if self.contexts is not None and more.contexts is not None
+            else None
+        )
         return Codebook(
             torch.cat([self.keys, more.keys.to(self.keys.device)]),
             torch.cat([self.values, more.values.to(self.values.device)]),
             torch.cat([self.radii, more.radii.to(self.radii.device)]),
+            contexts,
         )
 
+    def rekeyed(self, keys: torch.Tensor) -> Codebook:
+        """The same entries with keys read again on changed weights."""
+        if tuple(keys.shape) != tuple(self.keys.shape):
+            raise ValueError(f"new keys {tuple(keys.shape)} for keys {tuple(self.keys.shape)}")
+        return Codebook(keys.to(self.keys.device), self.values, self.radii, self.contexts)
+
     def to(self, device: torch.device | str) -> Codebook:
-        return Codebook(self.keys.to(device), self.values.to(device), self.radii.to(device))
+        return Codebook(
+            self.keys.to(device), self.values.to(device), self.radii.to(device), self.contexts
+        )
 
     @torch.no_grad()
     def lookup(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +82,32 @@ class Codebook:
             return output
         chosen = self.values[index].to(output.dtype)
         return torch.where(fires[..., None], chosen, output)
+
+
+@torch.no_grad()
+def fresh_keys(model: nn.Module, path: str, contexts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The input of the module at `path` at the last token of each context, on the model as
+    it is now (codebooks included): [n, d_in]."""
+    module = model.get_submodule(path)
+    device = next(model.parameters()).device
+    longest = max(len(c) for c in contexts)
+    ids = torch.zeros(len(contexts), longest, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, context in enumerate(contexts):  # right-padded: no real token sees the padding
+        ids[row, : len(context)] = context.to(device)
+        mask[row, : len(context)] = 1
+    last = torch.tensor([len(c) - 1 for c in contexts], device=device)
+    seen: dict[str, torch.Tensor] = {}
+
+    def read(_m: nn.Module, args: tuple[Any, ...], _output: torch.Tensor) -> None:
+        seen["keys"] = args[0][torch.arange(len(contexts), device=device), last].float()
+
+    handle = module.register_forward_hook(read)
+    try:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        handle.remove()
+    return seen["keys"].cpu()
 
 
 def _codebook_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> Any:

@@ -125,7 +125,11 @@ def compute(
 
     keys, values = seen["keys"], seen["values"]
     radii = hparams.radius * keys.norm(dim=1)
-    book = Codebook(keys.cpu().contiguous(), values.detach().float().cpu(), radii.cpu())
+    contexts = tuple(
+        batch.ids[row, : position + 1].cpu()
+        for row, position in zip(rows.tolist(), positions.tolist(), strict=True)
+    )
+    book = Codebook(keys.cpu().contiguous(), values.detach().float().cpu(), radii.cpu(), contexts)
     patch = Patch("grace", {}, {"layer": str(layer)}, codebooks={path: book})
     diagnostics.extra["entries"] = len(book)
     diagnostics.seconds["total"] = time.perf_counter() - started

@@ -21,6 +21,7 @@ from .errors import PatchError
 
 _KEYS = "@keys.layer"  # tensor-name prefix of the stored keys (no parameter name has '@')
 _CODEBOOK = "@codebook."  # tensor-name prefix of codebook entries, by module path
+_REKEY = "@rekey."  # tensor-name prefix of codebook keys read again, by module path
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,17 @@ def dense_of(delta: Delta) -> torch.Tensor:
 class Patch:
     """Deltas by parameter name; `keys` holds, per layer, the keys [d_in, n] the edit wrote
     there, for methods that protect earlier edits (AlphaEdit reads them from the history);
-    `codebooks` holds codebook entries to add beside modules, by module path (GRACE)."""
+    `codebooks` holds codebook entries to add beside modules, by module path (GRACE);
+    `rekeys` holds, by module path, new keys for all the entries a module had before this
+    patch (read again on the weights this patch makes, see codebook.fresh_keys); they are
+    put in before this patch's own entries are added."""
 
     method: str
     deltas: dict[str, Delta]
     metadata: dict[str, str] = field(default_factory=dict)
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     codebooks: dict[str, Codebook] = field(default_factory=dict)
+    rekeys: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def parameter_names(self) -> list[str]:
@@ -73,6 +78,13 @@ class Patch:
             tensors[f"{_CODEBOOK}{path}::keys"] = book.keys.float().contiguous()
             tensors[f"{_CODEBOOK}{path}::values"] = book.values.float().contiguous()
             tensors[f"{_CODEBOOK}{path}::radii"] = book.radii.float().contiguous()
+            if book.contexts is not None:
+                tensors[f"{_CODEBOOK}{path}::context_ids"] = torch.cat(book.contexts).long()
+                tensors[f"{_CODEBOOK}{path}::context_lengths"] = torch.tensor(
+                    [len(c) for c in book.contexts], dtype=torch.long
+                )
+        for path, keys in self.rekeys.items():
+            tensors[f"{_REKEY}{path}::keys"] = keys.float().contiguous()
         # one metadata key: safetensors writes several in no fixed order, breaking the hash
         header = json.dumps({"method": self.method, "metadata": self.metadata}, sort_keys=True)
         return st_save(tensors, metadata={"editserve": header})
@@ -97,9 +109,16 @@ class Patch:
             parts.setdefault(name, {})[part] = tensor
         try:
             codebooks = {
-                name.removeprefix(_CODEBOOK): Codebook(p["keys"], p["values"], p["radii"])
+                name.removeprefix(_CODEBOOK): Codebook(
+                    p["keys"], p["values"], p["radii"], _contexts(p)
+                )
                 for name, p in parts.items()
                 if name.startswith(_CODEBOOK)
+            }
+            rekeys = {
+                name.removeprefix(_REKEY): p["keys"]
+                for name, p in parts.items()
+                if name.startswith(_REKEY)
             }
             keys = {
                 int(name.removeprefix(_KEYS)): p["keys"]
@@ -114,7 +133,7 @@ class Patch:
         except (KeyError, ValueError) as exc:
             raise PatchError(f"patch bytes hold an incomplete entry: {exc}", field="patch") from exc
         metadata = dict(meta.get("metadata", {}))
-        return cls(meta.get("method", ""), deltas, metadata, keys, codebooks)
+        return cls(meta.get("method", ""), deltas, metadata, keys, codebooks, rekeys)
 
     def delta_norms(self) -> dict[str, float]:
         """Frobenius norm of each parameter's delta."""
@@ -136,8 +155,13 @@ class Patch:
         }
         return Patch(self.method, deltas, {**self.metadata, "negated": "true"})
 
+    def with_rekeys(self, rekeys: dict[str, torch.Tensor]) -> Patch:
+        return Patch(self.method, self.deltas, self.metadata, self.keys, self.codebooks, rekeys)
+
     def merged(self, other: Patch) -> Patch:
         """One patch with both patches' deltas (factored deltas concatenate their ranks)."""
+        if other.rekeys:
+            raise PatchError("a patch that re-keys codebooks cannot be merged into another")
         deltas = dict(self.deltas)
         for name, delta in other.deltas.items():
             if name not in deltas:
@@ -156,7 +180,15 @@ class Patch:
         books = dict(self.codebooks)
         for path, book in other.codebooks.items():
             books[path] = books[path].extended(book) if path in books else book
-        return Patch(self.method, deltas, {**self.metadata, **other.metadata}, keys, books)
+        metadata = {**self.metadata, **other.metadata}
+        return Patch(self.method, deltas, metadata, keys, books, dict(self.rekeys))
+
+
+def _contexts(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
+    if "context_ids" not in parts:
+        return None  # entries recorded before contexts were kept
+    lengths = [int(n) for n in parts["context_lengths"].tolist()]
+    return tuple(torch.split(parts["context_ids"], lengths))
 
 
 def _read_metadata(data: bytes) -> dict:
@@ -198,13 +230,20 @@ def apply_patch(model: nn.Module, patch: Patch) -> AppliedPatch:
                 field="patch",
             )
     modules = {path: codebook_module(model, path, book) for path, book in patch.codebooks.items()}
+    rekeyed = {path: model.get_submodule(path) for path in patch.rekeys}
     originals = {name: param.detach().clone() for name, param in params.items()}
     for name, param in params.items():
         update = dense_of(patch.deltas[name]).to(param.device)
         param.copy_((param.float() + update).to(param.dtype))
     books: dict[str, Codebook | None] = {}
-    for path, module in modules.items():
+    for path, module in rekeyed.items():
         books[path] = before = codebook_of(module)
+        if before is None:
+            raise PatchError(f"new keys for {path}, which has no codebook", field="patch")
+        set_codebook(module, before.rekeyed(patch.rekeys[path]))
+    for path, module in modules.items():
+        before = codebook_of(module)
+        books.setdefault(path, before)
         added = patch.codebooks[path]
         set_codebook(module, before.extended(added) if before is not None else added)
     return AppliedPatch(originals, books)

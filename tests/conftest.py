@@ -83,6 +83,16 @@ def fact_model(fact_facts):
 
 
 @pytest.fixture(scope="session")
+def fact_model_folder(fact_model, tmp_path_factory) -> Path:
+    """The trained fact model saved as a model folder (the service can load it)."""
+    model, tok = fact_model
+    folder = tmp_path_factory.mktemp("fact-model")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def fact_editor(fact_model, tmp_path_factory, corpus_file):
     model, tok = fact_model
     stats = corpus_statistics(
@@ -152,6 +162,7 @@ def tiny_settings(tmp_path, tiny_model_dir, corpus_file):
             "stats_samples": 2_000,
             **overrides,
         }
-        return service_settings(tmp_path, tiny_model_dir, **values)
+        model = values.pop("model", tiny_model_dir)
+        return service_settings(tmp_path, model, **values)
 
     return make

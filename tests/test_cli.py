@@ -11,15 +11,6 @@ from service.cli import main
 from .conftest import counterfact
 
 
-@pytest.fixture(scope="module")
-def fact_model_folder(fact_model, tmp_path_factory):
-    model, tok = fact_model
-    folder = tmp_path_factory.mktemp("fact-model")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
 def test_edit_prints_answers_before_and_after(
     fact_model_folder, fact_facts, corpus_file, tmp_path, capsys
 ):

@@ -126,3 +126,29 @@ def test_the_edit_guard_refuses_damaging_edits_on_smollm2(tmp_path):
         guard = edit["diagnostics"]["guard"]
         assert guard["passed"] and guard["seconds"] > 0 and not guard["reasons"]
         assert guard["figures"]["delta_ratio"] < 0.5
+
+
+@pytest.mark.parametrize(
+    "methods", [("grace", "rome", "ft-m"), ("rome", "ft-m", "grace")], ids=["grace-first", "last"]
+)
+def test_grace_rome_and_ft_m_compose_in_either_order_on_smollm2(tmp_path, methods):
+    """GRACE keeps its codebook in a late layer; ROME and FT-M write weights below it. Each
+    fact is said after every later edit, whatever the order."""
+    settings = service_settings(
+        tmp_path, "smollm2-135m-instruct", cache_dir=CACHE, stats_samples=REAL_MODEL_STATS_SAMPLES
+    )
+    with running_app(settings) as client:
+        layers = client.get("/v1/model").json()["layers"]
+        for done, method in enumerate(methods):
+            prompt, subject, target, _ = FACTS[done]
+            edit = {"prompt": prompt, "subject": subject, "target_new": target}
+            accepted = client.post("/v1/edits", json={"edit": edit, "method": method}).json()
+            job = wait_job(client, accepted["job_id"])
+            assert job["status"] == "applied", job
+            answers = _answers(client)
+            for index in range(done + 1):
+                assert FACTS[index][2] in answers[index], (methods[index], "after", method)
+        edits = client.get("/v1/edits").json()["edits"]
+        assert all(e["live"] for e in edits)
+        layer_of = {e["method"]: e["diagnostics"]["layers"] for e in edits}
+        assert max(layer_of["rome"] + layer_of["ft-m"]) < min(layer_of["grace"]) < layers

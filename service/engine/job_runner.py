@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from editors.codebook import fresh_keys
 from editors.errors import EditError
 from editors.patch import Patch
 from editors.result import EditResult
@@ -162,6 +163,32 @@ class JobRunner:
         self.announce(version.number)
         return version
 
+    def _with_fresh_keys(self, patch: Patch) -> Patch:
+        """`patch` with new keys for the codebook entries already served, read on the
+        weights `patch` makes: a change below a codebook's module moves the inputs its
+        entries were keyed on, so without this they would stop firing."""
+        weights = self.runner.weights
+        served = weights.codebooks
+        if not served or not (patch.deltas or len(set(served) | set(patch.codebooks)) > 1):
+            return patch
+        for path, book in served.items():
+            if book.contexts is None:
+                raise JobRejectedError(
+                    f"the codebook entries at {path} were recorded without their contexts, "
+                    "so they cannot follow this change of the weights; revert them first",
+                    field="method",
+                )
+        undo = weights.snapshot()
+        try:
+            weights.apply(patch)
+            rekeys = {
+                path: fresh_keys(self.runner.model, path, book.contexts or ())
+                for path, book in served.items()
+            }
+        finally:
+            weights.reset_to(undo)
+        return patch.with_rekeys(rekeys)
+
     def _checked(self, patch: Patch, checksum: str, run: _Run) -> tuple[GuardReport | None, Any]:
         """Apply `patch` through the guard (when one is configured): its report and the
         snapshot that takes the patch back; refused patches raise GuardRejectedError."""
@@ -184,7 +211,8 @@ class JobRunner:
             [e.request for e in edits], method, overrides, run.progress, self.replayer.history
         )
         per_edit = _diagnostics_per_edit(result, [e.id for e in edits])
-        report, applied_from = self._checked(result.patch, self.replayer.checksum, run)
+        patch = self._with_fresh_keys(result.patch)
+        report, applied_from = self._checked(patch, self.replayer.checksum, run)
         if report is not None:
             for diagnostics in per_edit.values():
                 diagnostics["guard"] = report.to_dict()
@@ -198,7 +226,7 @@ class JobRunner:
                 note=f"{method} edit of {len(edits)} fact(s)",
                 seconds=result.diagnostics.seconds,
             ),
-            result.patch,
+            patch,
             [e.id for e in edits],
             per_edit,
             applied_from,
@@ -267,7 +295,7 @@ class JobRunner:
                 reverts=carrier.number,
                 note=f"revert edit {edit_id} (subtract the patch of version {carrier.number})",
             ),
-            patch.negated(),
+            self._with_fresh_keys(patch.negated()),
         )
 
     def _revert_rebase(self, run: _Run, chain: list[Version], index: int, edit_id: str) -> None:
@@ -305,20 +333,20 @@ class JobRunner:
             for number, edit_ids in enumerate(steps):
                 run.progress.span = (number / len(steps), (number + 1) / len(steps))
                 result = self._recompute(run, edit_ids, history)
-                checksum = weights.checksum()
-                _, applied_from = self._checked(result.patch, checksum, run)
+                patch = self._with_fresh_keys(result.patch)
+                _, applied_from = self._checked(patch, weights.checksum(), run)
                 if applied_from is None:
-                    weights.apply(result.patch)
-                history = [*history, result.patch]
+                    weights.apply(patch)
+                history = [*history, patch]
                 parent = head + len(news)
                 news.append(
                     NewVersion(
                         kind=VersionKind.rebase,
                         parent=parent,
                         checksum=weights.checksum(),
-                        patch_sha256=self._store(result.patch),
+                        patch_sha256=self._store(patch),
                         edit_ids=edit_ids,
-                        note=f"{result.patch.method} edit of {len(edit_ids)} fact(s) "
+                        note=f"{patch.method} edit of {len(edit_ids)} fact(s) "
                         f"recomputed without edit {edit_id}",
                         seconds=result.diagnostics.seconds,
                         on_head=parent,

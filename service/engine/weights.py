@@ -80,7 +80,14 @@ class WeightState:
                     field="patch",
                 )
 
+    @property
+    def codebooks(self) -> dict[str, Codebook]:
+        """The codebook of each module that has one, as served."""
+        return dict(self._codebooks)
+
     def _add_entries(self, patch: Patch) -> None:
+        for path, keys in patch.rekeys.items():
+            self._codebooks[path] = self._codebooks[path].rekeyed(keys)
         for path, book in patch.codebooks.items():
             mine = self._codebooks.get(path)
             self._codebooks[path] = mine.extended(book) if mine is not None else book
@@ -92,12 +99,16 @@ class WeightState:
     @torch.no_grad()
     def apply(self, patch: Patch) -> None:
         self.check_fits(patch)
+        for path, keys in patch.rekeys.items():
+            book = self._codebooks.get(path)
+            if book is None or tuple(keys.shape) != tuple(book.keys.shape):
+                raise PatchError(f"new keys for {path} do not fit its codebook", field="patch")
         for name in patch.parameter_names:
             master = self._track(name)
             master += dense_of(patch.deltas[name]).to(master.device)
             self._publish(name)
         self._add_entries(patch)
-        self._publish_codebooks(set(patch.codebooks))
+        self._publish_codebooks(set(patch.codebooks) | set(patch.rekeys))
 
     @torch.no_grad()
     def restore(self, patches: list[Patch], only: set[str] | None = None) -> None:
