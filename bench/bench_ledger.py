@@ -65,12 +65,10 @@ def main() -> None:
     request = {"prompt": "{} is", "subject": "bench", "target_new": "fast"}
     for _ in tqdm(range(args.versions), desc="building the ledger"):
         job, (edit_id,) = state.ledger.accept_edits([NewEdit(request, "rome", {})])
-        engine.lane.call(
-            engine._commit,
+        engine.jobs.record(
+            job.id,
             NewVersion(VersionKind.edit, parent=engine.version, checksum="", edit_ids=(edit_id,)),
             _patch(engine, layers, generator),
-            job.id,
-            True,
             [edit_id],
         )
     head = engine.version

@@ -125,6 +125,14 @@ class JobRunner:
             method = str(job.payload.get("method", "unknown"))
             self.metrics.edit_seconds.labels(method, str(status)).observe(seconds)
 
+    def record(
+        self, job_id: int, new: NewVersion, patch: Patch, applied_edits: list[str]
+    ) -> Version:
+        """Record an already computed `patch` as the next version of a started job, as a
+        handler would (on the lane; for tools that build ledgers, such as the benchmarks)."""
+        run = _Run(self.ledger.job(job_id), None, JobProgress(self.ledger, job_id))  # type: ignore[arg-type]
+        return self.runner.lane.call(self._commit, run, new, patch, applied_edits)
+
     # -- recording (on the lane) --------------------------------------------------------------
 
     def _store(self, patch: Patch) -> str:

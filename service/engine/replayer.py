@@ -11,6 +11,7 @@ Every method runs on the model lane.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 
 from editors.patch import Patch
@@ -32,8 +33,20 @@ class IntegrityError(RuntimeError):
 class Replayer:
     def __init__(self, weights: WeightState, ledger: Ledger, blobs: BlobStore) -> None:
         self.weights, self.ledger, self.blobs = weights, ledger, blobs
-        self.chain: list[Version] = []
+        self._chain: list[Version] = []
+        self.served_since = 0.0  # wall-clock time the served version took effect here
         self._patches: OrderedDict[str, Patch] = OrderedDict()
+
+    @property
+    def chain(self) -> list[Version]:
+        """The versions whose patches make the served weights, base first."""
+        return self._chain
+
+    @chain.setter
+    def chain(self, chain: list[Version]) -> None:
+        if not self._chain or not chain or chain[-1].number != self._chain[-1].number:
+            self.served_since = time.time()
+        self._chain = chain
 
     @property
     def version(self) -> int:

@@ -40,6 +40,7 @@ def readyz(state: StateDep) -> JSONResponse:
         "head": head,
         "lag": head - engine.version if head is not None and engine and state.ready else None,
         "follow_error": engine.follow_error if engine else None,
+        "version_since": engine.replayer.served_since if engine and state.ready else None,
         "startup_seconds": engine.state.seconds if engine else {},
     }
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
