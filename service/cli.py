@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from editors import EditError, EditRequest, apply_patch
+from editors import EditError, EditRequest
 from editors.hparams import parse_overrides
+from editors.weight_state import WeightState
 
 from . import corpus_cli
 from .evaluations import cli as evaluations_cli
@@ -56,7 +57,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         except EditError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    apply_patch(model, result.patch)
+    WeightState(model).apply(result.patch)
     print(f"after:  {request.text}{answer()}")
     d = result.diagnostics
     print(

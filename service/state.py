@@ -145,7 +145,9 @@ class ServiceState:
 
     @property
     def role(self) -> Role:
-        return self.lease.role if self.lease is not None else Role.follower
+        if self.lease is not None:
+            return self.lease.role
+        return Role.follower if self.ready else Role.starting
 
     @property
     def ready(self) -> bool:

@@ -8,8 +8,8 @@ import math
 import transformers as tf
 
 from editors.patch import Patch
+from editors.weight_state import WeightState
 from service.engine.guard import EditGuard, GuardLimits
-from service.engine.weights import WeightState
 
 NO_LIMIT = math.inf
 

@@ -23,8 +23,9 @@ from ..metrics import (
     multi_hop_accuracy,
     perplexity,
 )
-from ..patch import AppliedPatch, Patch, apply_patch, revert_patch
+from ..patch import Patch
 from ..requests import EditRequest
+from ..weight_state import WeightSnapshot, WeightState
 from .plan import EvaluationPlan, EvaluationRow, EvaluationStopped
 from .probe import PROBE_TEXT
 from .summary import summarize
@@ -61,7 +62,8 @@ class Evaluation:
         self._reference: list[list[list[int]]] = []
         self._base: list[CaseMetrics] = []
         self._after: dict[int, CaseMetrics] = {}
-        self._applied: list[AppliedPatch] = []
+        # patches go on as they would in the service (fp32 masters), and come off exactly
+        self._weights = WeightState(self.model)
         self._history: list[Patch] = []  # patches in effect, oldest first (sequential)
         self._edit_figures: list[CaseMetrics] = []  # each edit's since the last aggregate row
         self._fluency_prompts = [requests_of(c)[0].text for c in self.cases[: plan.fluency_prompts]]
@@ -120,6 +122,7 @@ class Evaluation:
         """Carry out the plan; the summary says whether it completed or where it stopped."""
         started = time.perf_counter()
         stopped_at: str | None = None
+        start = self._weights.snapshot()
         try:
             self._measure_baseline()
             if self.plan.protocol == "sequential":
@@ -129,9 +132,7 @@ class Evaluation:
         except EvaluationStopped as stop:
             stopped_at = str(stop)
         finally:
-            for applied in reversed(self._applied):
-                revert_patch(self.model, applied)
-            self._applied.clear()
+            self._weights.reset_to(start)
         self.seconds["total"] = time.perf_counter() - started
         return self.summary(stopped_at)
 
@@ -166,8 +167,9 @@ class Evaluation:
             list(range(s, min(s + size, len(self.cases)))) for s in range(0, len(self.cases), size)
         ]
 
-    def _edit(self, group: list[int], fraction: tuple[float, float]) -> AppliedPatch | None:
-        """Compute and apply the group's patch; a case the method refuses is recorded."""
+    def _edit(self, group: list[int], fraction: tuple[float, float]) -> WeightSnapshot | None:
+        """Compute and apply the group's patch (returned: the snapshot that takes it off); a
+        case the method refuses is recorded."""
         low, high = fraction
         requests = [r for i in group for r in requests_of(self.cases[i])]
         began = time.perf_counter()
@@ -188,11 +190,12 @@ class Evaluation:
             return None
         finally:
             self.seconds["editing"] += time.perf_counter() - began
-        applied = apply_patch(self.model, result.patch)
+        undo = self._weights.snapshot()
+        self._weights.apply(result.patch)
         self._edit_figures.append(result.diagnostics.figures())
         if self.plan.protocol == "sequential":
             self._history.append(result.patch)  # what later edits build on
-        return applied
+        return undo
 
     def _run_isolated(self) -> None:
         """single / batch: each group from the unedited model, scored, rolled back."""
@@ -200,10 +203,9 @@ class Evaluation:
         for number, group in enumerate(groups):
             self._check_stop()
             span = (number / len(groups), (number + 1) / len(groups))
-            applied = self._edit(group, span)
-            if applied is None:
+            undo = self._edit(group, span)
+            if undo is None:
                 continue
-            self._applied.append(applied)
             began = time.perf_counter()
             try:
                 scores = self._case_metrics(group)
@@ -212,7 +214,7 @@ class Evaluation:
                 ]
                 health = self._model_metrics(prompts)
             finally:
-                revert_patch(self.model, self._applied.pop())
+                self._weights.reset_to(undo)
                 self.seconds["scoring"] += time.perf_counter() - began
             self.edits_done += len(group)
             for i, metrics in zip(group, scores, strict=True):
@@ -238,9 +240,7 @@ class Evaluation:
         for number, group in enumerate(groups):
             self._check_stop()
             span = (number / len(groups), (number + 1) / len(groups))
-            applied = self._edit(group, span)
-            if applied is not None:
-                self._applied.append(applied)
+            if self._edit(group, span) is not None:
                 edited += group
                 self.edits_done += len(group)
             last = number == len(groups) - 1

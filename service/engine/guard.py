@@ -24,8 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from editors.evaluation.probe import PROBE_TEXT
 from editors.metrics import fluency, perplexity, score_pairs
 from editors.patch import Patch, dense_of
-
-from .weights import WeightSnapshot, WeightState
+from editors.weight_state import WeightSnapshot, WeightState
 
 # General facts no benchmark edit is about: their answers should survive any single edit.
 CANARIES: tuple[tuple[str, str], ...] = (

@@ -20,6 +20,7 @@ from editors.codebook import fresh_keys
 from editors.errors import EditError
 from editors.patch import Patch
 from editors.result import EditResult
+from editors.weight_state import WeightSnapshot
 
 from ..ledger.blobs import BlobStore
 from ..ledger.lease import StaleWriterError
@@ -30,7 +31,6 @@ from .guard import EditGuard, GuardReport
 from .model_runner import ModelRunner
 from .progress import JobProgress
 from .replayer import Replayer
-from .weights import WeightSnapshot
 
 log = logging.getLogger(__name__)
 

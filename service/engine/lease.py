@@ -27,6 +27,7 @@ class Role(StrEnum):
     writer = "writer"  # holds the lease: runs the model jobs
     standby = "standby"  # would run them; follows the head until the writer goes
     follower = "follower"  # never writes (EDITSERVE_RUN_WORKER=false); follows the head
+    starting = "starting"  # loading the model and replaying the ledger
 
 
 def process_identity(name: str) -> str:

@@ -24,12 +24,12 @@ from editors.patch import Patch
 from editors.requests import EditRequest
 from editors.result import EditResult
 from editors.stats import Statistics
+from editors.weight_state import WeightState
 
 from ..requests import request_from_record
 from .batcher import GenerationBatcher
 from .generation import GenerationOutput, GenerationRequest, generate_batch
 from .lane import ModelLane
-from .weights import WeightState
 
 T = TypeVar("T")
 

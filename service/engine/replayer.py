@@ -15,11 +15,11 @@ import time
 from collections import OrderedDict
 
 from editors.patch import Patch
+from editors.weight_state import WeightState
 
 from ..ledger.blobs import BlobStore
 from ..ledger.schema import Version
 from ..ledger.store import Ledger
-from .weights import WeightState
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,6 @@
-"""Live weights as base + patches, kept exact with fp32 master copies.
+"""Weights as base + patches, kept exact with fp32 master copies: the one way a patch is
+applied to weights that are served, replayed or evaluated, so all three are the same bytes
+(`apply_patch` in patch.py is the methods' own try-and-take-back while computing).
 
 Only matrices a patch has touched are tracked: their base values are kept, and an fp32
 master holds base + the applied deltas; the served parameter is the master cast to the
@@ -17,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from editors.codebook import Codebook, set_codebook
-from editors.patch import Delta, FactoredDelta, Patch, PatchError, codebook_module, dense_of
+from .codebook import Codebook, set_codebook
+from .patch import Delta, FactoredDelta, Patch, PatchError, codebook_module, dense_of
 
 
 def tensor_digest(tensor: torch.Tensor) -> bytes:
@@ -32,7 +34,7 @@ class WeightState:
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters())
         self._base: dict[str, torch.Tensor] = {}
         self._master: dict[str, torch.Tensor] = {}
-        self._digests = {name: tensor_digest(p) for name, p in self.params.items()}
+        self._digests: dict[str, bytes] | None = None  # per parameter, hashed on first use
         self._codebooks: dict[str, Codebook] = {}
 
     @property
@@ -41,6 +43,8 @@ class WeightState:
 
     def checksum(self) -> str:
         """sha256 over every parameter's name and bytes, as served (device-independent)."""
+        if self._digests is None:
+            self._digests = {name: tensor_digest(p) for name, p in self.params.items()}
         total = hashlib.sha256()
         for name in sorted(self._digests):
             total.update(name.encode())
@@ -64,7 +68,8 @@ class WeightState:
     def _publish(self, name: str) -> None:
         param = self.params[name]
         param.data.copy_(self._master[name].to(param.dtype))
-        self._digests[name] = tensor_digest(param)
+        if self._digests is not None:
+            self._digests[name] = tensor_digest(param)
 
     def check_fits(self, patch: Patch) -> None:
         for path, book in patch.codebooks.items():
