@@ -22,6 +22,7 @@ class Method:
     uses_history: bool = False  # compute takes `history`, the patches applied before
     needs_statistics: bool = True  # reads the second moment C of its edited layers
     subtractable: bool = True  # its patch can be taken back by subtracting it (weights only)
+    writes_weights: bool = True  # its patches change weights (not only add codebook entries)
 
     def statistics_layers(self, hparams: Any, n_layers: int) -> list[int]:
         """The layers whose statistics an edit with `hparams` reads (none for some)."""
@@ -121,6 +122,7 @@ METHODS: dict[str, Method] = {
         {},
         needs_statistics=False,
         subtractable=False,
+        writes_weights=False,
     ),
     "ft-l": Method("ft-l", ft.FTLHyperParams, ft.compute, {}, needs_statistics=False),
     "ft-m": Method("ft-m", ft.FTMHyperParams, ft.compute, {}, needs_statistics=False),

@@ -55,3 +55,32 @@ def test_a_codebook_entry_keeps_working_after_weight_edits_below_it(
         job = client.post("/v1/rollback", json={"to_version": keys_at}).json()
         assert job["status"] == "applied", job
         assert _says(client, grace_fact)
+
+
+def test_codebook_entries_without_contexts_refuse_a_weight_edit_naming_themselves(tiny_settings):
+    """Entries recorded before contexts were kept cannot have their keys read again: a
+    weight edit is refused at submit time (409 naming the edit), a codebook edit is not."""
+    import torch
+
+    from editors.codebook import Codebook
+    from editors.patch import Patch
+    from service.ledger.schema import VersionKind
+    from service.ledger.store import NewEdit, NewVersion
+
+    with running_app(tiny_settings()) as client:
+        state = client.app.state.service
+        request = {"prompt": "The capital of {} is", "subject": "Atlantis", "target_new": "Rome"}
+        job, (edit_id,) = state.ledger.accept_edits([NewEdit(request, "grace", {})])
+        book = Codebook(torch.randn(1, 256), torch.randn(1, 64), torch.ones(1))  # no contexts
+        old = Patch("grace", {}, codebooks={"transformer.h.3.mlp.c_proj": book})
+        new = NewVersion(VersionKind.edit, parent=0, checksum="", edit_ids=(edit_id,))
+        state.ledger.start_job(job.id)
+        state.engine.jobs.record(job.id, new, old, [edit_id])
+        before = client.get("/v1/model").json()
+        edit = {"prompt": "The capital of {} is", "subject": "Narnia", "target_new": "Paris"}
+        refused = client.post("/v1/edits", json={"edit": edit, "method": "rome"})
+        assert refused.status_code == 409, refused.json()
+        assert edit_id in refused.json()["error"] and refused.json()["field"] == "method"
+        assert client.get("/v1/model").json() == before  # nothing was accepted
+        accepted = client.post("/v1/edits", json={"edit": edit, "method": "grace"})
+        assert accepted.status_code == 202

@@ -24,7 +24,7 @@ from editors.errors import PatchError
 from editors.requests import EditRequest
 
 from ..ledger.blobs import BlobError, BlobStore
-from ..ledger.store import Ledger
+from ..ledger.store import Ledger, live_edits
 from ..observability import ServiceMetrics
 from .batcher import GenerationBatcher
 from .generation import GenerationOutput, GenerationRequest
@@ -113,6 +113,21 @@ class Engine:
     @property
     def checksum(self) -> str:
         return self.replayer.checksum
+
+    def fixed_codebook_edits(self) -> list[str]:
+        """Live edits whose codebook entries were recorded without their contexts (before
+        EditServe kept them): their keys cannot be read again, so a later change of the
+        weights would leave them behind. Empty at once when every served entry has them."""
+        if all(book.contexts is not None for book in self.runner.weights.codebooks.values()):
+            return []
+        chain = self.replayer.chain
+        live = live_edits(chain)
+        fixed = []
+        for version in chain:
+            patch = self.replayer.cached(version.patch_sha256) if version.patch_sha256 else None
+            if patch is not None and any(b.contexts is None for b in patch.codebooks.values()):
+                fixed += [edit_id for edit_id in version.edit_ids if edit_id in live]
+        return fixed
 
     def edited_parameters(self) -> list[str]:
         """Names of the parameters any applied patch has touched since start-up."""

@@ -65,6 +65,10 @@ class Replayer:
             self._patches.move_to_end(sha256)
         return patch
 
+    def cached(self, sha256: str) -> Patch | None:
+        """The patch if it is in memory (a read that any thread may make)."""
+        return self._patches.get(sha256)
+
     def remember(self, sha256: str, patch: Patch) -> None:
         self._patches[sha256] = patch
         if len(self._patches) > PATCH_CACHE_SIZE:

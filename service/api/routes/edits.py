@@ -26,6 +26,12 @@ router = APIRouter(prefix="/v1/edits", tags=["edits"], dependencies=[Depends(aut
 def post_edits(body: EditsIn, state: StateDep, engine: EngineDep) -> Accepted:
     """Validate, record in the ledger (`queued`), enqueue; 202 with the job and edit ids."""
     requests, method, overrides = validated_edits(body, engine, state.settings)
+    if METHODS[method].writes_weights and (fixed := engine.fixed_codebook_edits()):
+        raise conflict(
+            f"edit {fixed[0]} is codebook entries recorded without their contexts, which "
+            f"cannot follow a {method} change of the weights; revert it first (mode=rebase)",
+            "method",
+        )
     check_queue_depth(state)
     job, ids = state.ledger.accept_edits(
         [NewEdit(request_record(r), method, overrides) for r in requests],
