@@ -4,6 +4,7 @@ Pure PyTorch + transformers: an editor reads the model and returns a Patch; appl
 the caller's decision. Nothing here imports the service, a database or a queue.
 """
 
+from .core.values import ProgressFn
 from .errors import (
     EditError,
     EmptyTargetError,
@@ -20,6 +21,7 @@ from .model_spec import SPECS, ModelSpec, detect_spec
 from .patch import AppliedPatch, FactoredDelta, Patch, apply_patch, revert_patch
 from .requests import EditRequest
 from .result import Diagnostics, EditResult
+from .weight_state import WeightSnapshot, WeightState
 
 __all__ = [
     "METHODS",
@@ -35,12 +37,15 @@ __all__ = [
     "ModelSpec",
     "Patch",
     "PatchError",
+    "ProgressFn",
     "StatisticsError",
     "SubjectNotInPromptError",
     "SubjectNotLocatedError",
     "UnknownHyperparameterError",
     "UnknownMethodError",
     "UnsupportedModelError",
+    "WeightSnapshot",
+    "WeightState",
     "apply_patch",
     "detect_spec",
     "get_method",

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from editors.core.values import ProgressFn
+from editors import ProgressFn
 from editors.editor import Editor
 from editors.methods import METHODS, get_method
 from editors.metrics import evaluate, locality_reference
