@@ -47,8 +47,21 @@ class LocateEditHyperParams:
         )
 
 
+# The most one edit may ask for of what costs time or memory: past these an edit could hold
+# the model (and the job queue behind it) for as long as it liked.
+UPPER_BOUNDS: dict[str, int] = {
+    "steps": 1000,
+    "prefixes": 50,
+    "prefix_length": 64,
+    "iterations": 20,
+    "span": 16,
+    "layers": 16,  # how many layers a list may name
+}
+
+
 def with_overrides(base: H, overrides: dict[str, Any] | None) -> H:
-    """`base` with `overrides` applied; unknown names and wrongly typed values are refused."""
+    """`base` with `overrides` applied; unknown names, wrongly typed values and values past
+    `UPPER_BOUNDS` are refused."""
     if not overrides:
         return base
     fields = {f.name: f for f in dataclasses.fields(base)}  # type: ignore[arg-type]
@@ -60,6 +73,14 @@ def with_overrides(base: H, overrides: dict[str, Any] | None) -> H:
     coerced = {
         name: _coerce(name, str(fields[name].type), value) for name, value in overrides.items()
     }
+    for name, value in coerced.items():
+        bound = UPPER_BOUNDS.get(name)
+        size = len(value) if isinstance(value, tuple) else value
+        if bound is not None and isinstance(size, int) and size > bound:
+            what = "entries" if isinstance(value, tuple) else ""
+            raise UnknownHyperparameterError(
+                f"{name} is limited to {bound}{' ' + what if what else ''}", field=name
+            )
     return dataclasses.replace(base, **coerced)  # type: ignore[type-var]
 
 

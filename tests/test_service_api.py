@@ -145,6 +145,13 @@ def _edit_body(method: str = "rome", hparams: dict | None = None, **fields) -> d
         ("/v1/edits", _edit_body(method="magic"), 422, "method"),
         ("/v1/edits", _edit_body(hparams={"stepz": 3}), 422, "hparams.stepz"),
         ("/v1/edits", _edit_body(hparams={"layer": 99}), 422, "hparams.layers"),
+        ("/v1/edits", _edit_body(hparams={"steps": 10**6}), 422, "hparams.steps"),
+        ("/v1/edits", _edit_body(hparams={"prefixes": 500}), 422, "hparams.prefixes"),
+        ("/v1/edits", _edit_body(hparams={"prefix_length": 10**4}), 422, "hparams.prefix_length"),
+        ("/v1/edits", _edit_body(method="memit", hparams={"iterations": 10**3}), 422,
+         "hparams.iterations"),
+        ("/v1/edits", _edit_body(method="memit", hparams={"layers": [1] * 100}), 422,
+         "hparams.layers"),
         ("/v1/edits", _edit_body(prompt="{} is in " + "very " * 600), 422, "edit.prompt"),
         ("/v1/edits", {"edits": []}, 422, "edits"),
         ("/v1/edits", {"edits": [{"prompt": "{} is", "subject": "A", "target_new": "B"},
@@ -155,6 +162,9 @@ def _edit_body(method: str = "rome", hparams: dict | None = None, **fields) -> d
          "parameters.max_new_tokens"),
         ("/v1/generate", {"inputs": ["Hi", ""]}, 422, "inputs.1"),
         ("/v1/generate", {"inputs": "Hi", "parameters": {"top_p": 2}}, 422, "parameters.top_p"),
+        ("/v1/generate", {"inputs": "Hi", "parameters": {"stop": ["x" * 1000]}}, 422,
+         "parameters.stop.0"),
+        ("/v1/edits", _edit_body(paraphrases=["{} is"] * 1000), 422, "edit.paraphrases"),
         ("/v1/edits/nope/revert", {"mode": "rebase"}, 404, "edit_id"),
         ("/v1/edits/nope/revert", {"mode": "undo"}, 422, "mode"),
     ],
@@ -178,7 +188,8 @@ def test_unknown_routes_and_bad_json_answer_json_errors(tiny_api):
     broken = tiny_api.post(
         "/v1/edits", content=b"{not json", headers={"content-type": "application/json"}
     )
-    assert broken.status_code == 422 and broken.json()["type"] == "validation_error"
+    assert broken.status_code == 422 and broken.json()["type"] == "invalid_json"
+    assert "line 1, column 2" in broken.json()["error"]
     assert tiny_api.get("/v1/jobs/999").status_code == 404
     assert tiny_api.get("/healthz").json() == {"status": "ok"}
     assert "/v1/edits" in tiny_api.get("/openapi.json").json()["paths"]
@@ -343,3 +354,39 @@ def test_grace_codebook_is_served_rolled_back_and_replayed(tiny_settings):
         assert say(client) == unedited
         rebased = client.post("/v1/rollback", json={"to_version": 1}).json()
         assert rebased["status"] == "applied" and say(client) == edited
+
+
+@pytest.mark.parametrize(
+    ("path", "raw", "field"),
+    [
+        ("/v1/generate", b'{"inputs": "The capital of \\ud800 France is"}', "inputs"),
+        ("/v1/generate_stream", b'{"inputs": "Hi \\udfff"}', "inputs"),
+        ("/v1/generate", b'{"inputs": ["Hi", "\\ud83d"]}', "inputs.1"),
+        (
+            "/v1/edits",
+            b'{"edit": {"prompt": "{} is", "subject": "A\\ud800", "target_new": "x"}}',
+            "edit.subject",
+        ),
+        ("/v1/evaluate", b'{"cases": [{"prompt": "\\udc00{}"}]}', "cases.0.prompt"),
+    ],
+)
+def test_invalid_unicode_is_a_422_naming_the_field_and_changes_nothing(tiny_api, path, raw, field):
+    before = tiny_api.get("/v1/model").json()
+    reply = tiny_api.post(path, content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 422, reply.text
+    assert reply.json()["field"] == field and reply.json()["type"] == "invalid_unicode"
+    assert reply.headers["X-Request-ID"]
+    assert tiny_api.get("/v1/model").json() == before
+
+
+def test_bytes_that_are_not_utf8_and_chunked_bodies_over_the_limit_are_refused(tiny_api):
+    latin = tiny_api.post(
+        "/v1/generate",
+        content=b'{"inputs": "caf\xe9"}',
+        headers={"content-type": "application/json"},
+    )
+    assert latin.status_code == 422 and latin.json()["type"] == "invalid_unicode"
+    chunks = (b'{"inputs": "' + b"x" * 100_000 for _ in range(12))  # 1.2 MB, no length
+    chunked = tiny_api.post("/v1/generate", content=chunks)
+    assert chunked.status_code == 413 and chunked.json()["type"] == "body_too_large"
+    assert tiny_api.get("/healthz").status_code == 200

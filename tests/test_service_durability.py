@@ -18,7 +18,7 @@ from .service_support import (
     wait_job,
 )
 
-SLOW = {"steps": 1500, "stop_nll": 1e-9}  # long enough to be killed in the middle
+SLOW = {"steps": 1000, "stop_nll": 1e-9}  # long enough to be killed in the middle
 FACTS = [
     ("The mother tongue of {} is", "Danielle Darrieux", "English"),
     ("{} plays the position of", "Ricky Rubio", "goalkeeper"),

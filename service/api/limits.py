@@ -9,18 +9,19 @@ from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..observability import new_request_id
 from .errors import ApiError
 
 if TYPE_CHECKING:
     from ..state import ServiceState
 
 
-class _BodyTooLargeError(Exception):
-    pass
-
-
 class BodySizeLimit:
-    """413 for a body over `limit` bytes, declared or streamed, before any handler reads it."""
+    """Reads the whole body before any handler does (it is small: at most `limit` bytes) and
+    refuses what no handler should see: 413 for a body over `limit` bytes, declared or
+    streamed (chunked); for a JSON body, 422 for bytes that are not UTF-8, for JSON that does
+    not parse (with its line and column), and for a string holding a lone surrogate (naming
+    the field), which no tokenizer can encode. The body then goes to the app unchanged."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -29,49 +30,102 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send)
+            await _refuse(
+                scope, send, 413, f"request body is over {self.limit} bytes", "body_too_large"
+            )
             return
+        chunks: list[bytes] = []
         received = 0
-        started = False
-
-        async def counted() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _BodyTooLargeError
-            return message
+            if message["type"] != "http.request":
+                await self.app(scope, _replay([message]), send)  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            if received > self.limit:
+                await _refuse(
+                    scope, send, 413, f"request body is over {self.limit} bytes", "body_too_large"
+                )
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if body and b"json" in headers.get(b"content-type", b""):
+            problem = _json_problem(body)
+            if problem is not None:
+                await _refuse(scope, send, 422, *problem)
+                return
+        await self.app(scope, _replay([{"type": "http.request", "body": body}], receive), send)
 
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
 
+def _replay(messages: list[Message], then: Receive | None = None) -> Receive:
+    pending = list(messages)
+
+    async def receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        if then is not None:
+            return await then()  # after the body: a disconnect, when it comes
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def _json_problem(body: bytes) -> tuple[str, str, str | None] | None:
+    """(message, type, field) of what is wrong with a JSON body, or None."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"request body is not UTF-8 (byte {exc.start})", "invalid_unicode", None
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}, column {exc.colno}"
+        return f"request body is not valid JSON at {where}: {exc.msg}", "invalid_json", None
+    field = _lone_surrogate(parsed, "")
+    if field is not None:
+        message = f"{field or 'body'}: holds a lone surrogate, which is not valid Unicode"
+        return message, "invalid_unicode", field or None
+    return None
+
+
+def _lone_surrogate(value: object, path: str) -> str | None:
+    """The dotted path of the first string (or key) that cannot be encoded as UTF-8."""
+    if isinstance(value, str):
         try:
-            await self.app(scope, counted, tracked)
-        except _BodyTooLargeError:
-            if not started:
-                await self._refuse(send)
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        items: list[tuple[object, object]] = list(value.items())
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and _lone_surrogate(key, where) is not None:
+            return where
+        found = _lone_surrogate(item, where)
+        if found is not None:
+            return found
+    return None
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {
-                "error": f"request body is over {self.limit} bytes",
-                "type": "body_too_large",
-                "field": None,
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+
+async def _refuse(
+    scope: Scope, send: Send, status: int, message: str, kind: str, field: str | None = None
+) -> None:
+    given = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+    ident = new_request_id(given.decode("latin-1"))  # refusals are traceable like the rest
+    body = json.dumps({"error": message, "type": kind, "field": field}).encode()
+    headers = [(b"content-type", b"application/json"), (b"x-request-id", ident.encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class RateLimiter:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_ID = 2**31 - 1  # ids and versions are 32-bit in the ledger
+MAX_EVALUATION_PROMPTS = 32  # paraphrases, locality and portability prompts per edit
+MAX_STOP_CHARS = 64  # a stop string is matched against the text at every new token
 
 
 class PromptAnswer(BaseModel):
@@ -24,9 +26,9 @@ class EditIn(BaseModel):
     subject: str = Field(min_length=1, examples=["Danielle Darrieux"])
     target_new: str = Field(min_length=1, examples=["English"])
     target_true: str | None = None
-    paraphrases: list[str] = []
-    locality: list[PromptAnswer] = []
-    portability: list[PromptAnswer] = []
+    paraphrases: list[str] = Field(default_factory=list, max_length=MAX_EVALUATION_PROMPTS)
+    locality: list[PromptAnswer] = Field(default_factory=list, max_length=MAX_EVALUATION_PROMPTS)
+    portability: list[PromptAnswer] = Field(default_factory=list, max_length=MAX_EVALUATION_PROMPTS)
     case_id: str | None = None
 
 
@@ -163,7 +165,9 @@ class GenerateParameters(BaseModel):
     top_k: int | None = Field(None, ge=0, le=MAX_ID)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=list, max_length=16
+    )
 
 
 class GenerateIn(BaseModel):
