@@ -5,31 +5,23 @@ applies only what changed (see engine/replayer.py); the writer's own moves are n
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
+from .background import BackgroundLoop
 from .engine.engine import Engine
 from .queue.notices import VersionNotices
 
 log = logging.getLogger(__name__)
 
 
-class HeadFollower:
+class HeadFollower(BackgroundLoop):
+    thread_name = "head-follower"
+
     def __init__(
         self, engine: Engine, notices: VersionNotices | None, poll_seconds: float = 1.0
     ) -> None:
+        super().__init__()
         self.engine, self.notices, self.poll_seconds = engine, notices, poll_seconds
-        self.stop_event = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="head-follower", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.stop_event.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def run(self) -> None:
         while not self.stop_event.is_set():

@@ -8,7 +8,6 @@ stops (cancelled, failed, or its process killed) keeps its rows and says where i
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
@@ -17,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from editors.errors import EditError
 from editors.evaluation import EvaluationPlan, EvaluationRow, run_evaluation
 
+from ..background import BackgroundLoop
 from ..config import Settings
 from ..engine.engine import Engine
 from ..engine.lease import WriterLease
@@ -62,25 +62,17 @@ def where_stopped(ledger: Ledger, job_id: int) -> str:
     return f"after {done} edited cases and {len(rows)} recorded result rows"
 
 
-class EvaluationWorker:
+class EvaluationWorker(BackgroundLoop):
     """Runs evaluation jobs in the process that holds the writer lease (so two processes
     never run, or declare interrupted, the same job); its ledger writes carry the token."""
 
+    thread_name = "evaluation-worker"
+
     def __init__(self, engine: Engine, settings: Settings, lease: WriterLease) -> None:
+        super().__init__()
         self.engine, self.settings, self.ledger = engine, settings, engine.ledger
         self.lease = lease
         self.fence: int | None = None
-        self.stop_event = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="evaluation-worker", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.stop_event.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def run(self) -> None:
         while not self.stop_event.is_set():
