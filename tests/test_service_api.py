@@ -390,3 +390,21 @@ def test_bytes_that_are_not_utf8_and_chunked_bodies_over_the_limit_are_refused(t
     chunked = tiny_api.post("/v1/generate", content=chunks)
     assert chunked.status_code == 413 and chunked.json()["type"] == "body_too_large"
     assert tiny_api.get("/healthz").status_code == 200
+
+
+def test_an_unexpected_error_is_a_json_500_that_keeps_its_request_id(tiny_settings):
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+
+    app = create_app(tiny_settings())
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/v1/broken", broken)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        reply = client.get("/v1/broken", headers={"X-Request-ID": "trace-500"})
+        assert reply.status_code == 500 and reply.json()["type"] == "internal"
+        assert reply.headers["X-Request-ID"] == "trace-500"
+        assert "a bug" not in reply.text  # no traceback or message leaks

@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         ident = new_request_id(request.headers.get("x-request-id"))
+        request.scope["request_id"] = ident  # for the 500 handler, which runs outside this
         token = request_id.set(ident)
         started = time.perf_counter()
         try:

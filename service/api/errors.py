@@ -86,9 +86,11 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        ident = str(request.scope.get("request_id") or "")
+        log.exception("unhandled error (request %s)", ident or "unknown")
         return JSONResponse(
             _body("internal error (see the server log)", "internal", None),
             status_code=500,
+            headers={"X-Request-ID": ident} if ident else None,
         )
