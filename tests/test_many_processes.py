@@ -164,16 +164,19 @@ def test_followers_serve_each_version_as_it_commits(cluster):
         job = wait_job(client, client.post("/v1/edits", json=_edit_body(index)).json()["job_id"])
         assert job["status"] == "applied", job
         for follower in followers:
+            # /readyz reads what the follower serves without catching up itself: the
+            # version must arrive by the follower's own notice or poll
             deadline = time.monotonic() + 5
-            while True:
-                answer = httpx.post(
-                    f"{follower.url}/v1/generate",
-                    json={"inputs": "The favourite word of", "parameters": {"max_new_tokens": 2}},
-                ).json()
-                if answer["model_version"] == job["result_version"]:
-                    break
-                assert time.monotonic() < deadline, answer
+            while (ready := httpx.get(f"{follower.url}/readyz").json())["version"] != job[
+                "result_version"
+            ]:
+                assert time.monotonic() < deadline, ready
                 time.sleep(0.02)
+            answer = httpx.post(
+                f"{follower.url}/v1/generate",
+                json={"inputs": "The favourite word of", "parameters": {"max_new_tokens": 2}},
+            ).json()
+            assert answer["model_version"] == job["result_version"], answer
     writer_model = httpx.get(f"{writer.url}/v1/model").json()
     for follower in followers:
         model = httpx.get(f"{follower.url}/v1/model").json()
