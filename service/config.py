@@ -67,6 +67,15 @@ class Settings(BaseSettings):
     max_job_attempts: int = Field(
         3, gt=0, description="runs of a job a crash may interrupt before it is failed"
     )
+    db_connect_timeout_seconds: float = Field(
+        5.0, gt=0, description="connecting to the database gives up after this long"
+    )
+    db_statement_timeout_seconds: float = Field(
+        30.0, gt=0, description="a PostgreSQL statement (or lock wait) is cancelled after this"
+    )
+    job_time_limit_seconds: float = Field(
+        3600.0, gt=0, description="an edit, rollback or revert job running longer is stopped"
+    )
     guard: bool = Field(True, description="measure every edit before recording it")
     guard_max_perplexity_rise: float = Field(0.2, ge=0, description="relative, probe text")
     guard_max_canary_changed: float = Field(0.3, ge=0, le=1, description="canary answer tokens")

@@ -87,6 +87,12 @@ class ServiceMetrics:
             buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
             registry=self.registry,
         )
+        self.swap_seconds = Histogram(
+            "editserve_swap_seconds",
+            "Time the served model is held to swap in a recorded version",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
         self.generated_tokens = Counter(
             "editserve_generated_tokens", "Tokens generated", registry=self.registry
         )

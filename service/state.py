@@ -58,7 +58,9 @@ class ServiceState:
         url = settings.resolved_database_url
         if run_migrations:
             migrate(url)
-        db = make_engine(url)
+        db = make_engine(
+            url, settings.db_connect_timeout_seconds, settings.db_statement_timeout_seconds
+        )
         sessions = session_factory(db)
         notices = (
             VersionNotices(settings.redis_url, f"{settings.queue_name}:versions")
@@ -102,6 +104,7 @@ class ServiceState:
                 metrics=self.metrics,
                 precompute_statistics=self.settings.precompute_statistics,
                 max_job_attempts=self.settings.max_job_attempts,
+                job_time_limit_seconds=self.settings.job_time_limit_seconds,
                 guard=self.settings.guard_limits,
                 announce=self.notices.publish if self.notices is not None else lambda n: None,
                 identity=self.identity,

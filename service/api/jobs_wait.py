@@ -26,10 +26,27 @@ def publish(state: ServiceState, job_id: int) -> None:
         log.warning("job %s recorded but not enqueued (%s); the worker will poll it", job_id, exc)
 
 
+# how long reading an ended job waits for this process to serve the version it recorded
+SERVED_WAIT_SECONDS = 5.0
+
+
+def read_job(state: ServiceState, job_id: int) -> Job | None:
+    """The job; one that has recorded a version is answered once this process serves that
+    version (or after SERVED_WAIT_SECONDS), so a client that sees `applied` and then
+    generates gets the edited model from whichever process it asks."""
+    job = state.ledger.job(job_id)
+    engine = state.engine
+    served = engine is not None and engine.state.ready
+    if served and job is not None and job.status.terminal and job.result_version is not None:
+        assert engine is not None
+        engine.wait_served(job.result_version, SERVED_WAIT_SECONDS)
+    return job
+
+
 async def wait_for_job(state: ServiceState, job_id: int, timeout: float) -> Job:
     deadline = time.monotonic() + timeout
     while True:
-        job = await run_in_threadpool(state.ledger.job, job_id)
+        job = await run_in_threadpool(read_job, state, job_id)
         assert job is not None
         if job.status.terminal or time.monotonic() >= deadline:
             return job

@@ -1,18 +1,24 @@
-"""The engine: the model runner, the replayer and the job runner of one process, and its
-start-up (hash the base, prepare statistics, replay the ledger to its head).
+"""The engine: the model runner, the workspace, their replayers and the job runner of one
+process, and its start-up (hash the base, prepare statistics, replay the ledger to its head).
 
-- `ModelRunner` (model_runner.py) owns the served weights and the lane: generation,
-  evaluation reads, the compute of edits.
-- `Replayer` (replayer.py) restores versions and follows the head, applying only what changed.
-- `JobRunner` (job_runner.py) runs one claimed job with a handler per kind.
+- `ModelRunner` (model_runner.py) owns the served weights: generation, and the swap of a
+  finished patch (the only exclusive step).
+- `Workspace` (workspace.py) owns a second copy of the model where edits, guards,
+  evaluations and rebases are computed, off the serving path.
+- `Replayer` (replayer.py), one per copy, restores versions and follows the head, applying
+  only what changed; the two share a patch cache.
+- `JobRunner` (job_runner.py) runs one claimed job with a handler per kind on the
+  workspace, records it, then has the served model move to the new version.
 Who may run jobs is decided by the writer lease (lease.py), held by the worker (worker.py).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -30,9 +36,10 @@ from .batcher import GenerationBatcher
 from .generation import GenerationOutput, GenerationRequest
 from .guard import EditGuard, GuardLimits
 from .job_runner import GuardRejectedError, JobRejectedError, JobRunner
-from .lane import ModelLane
 from .model_runner import ModelRunner, RunnerState
-from .replayer import IntegrityError, Replayer
+from .replayer import IntegrityError, Move, PatchCache, Replayer
+from .tokenizers import TokenizerPerThread
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +61,34 @@ class Engine:
         metrics: ServiceMetrics | None = None,
         precompute_statistics: bool = True,
         max_job_attempts: int = 3,
+        job_time_limit_seconds: float | None = None,
         guard: GuardLimits | None = None,
         announce: Callable[[int], None] = lambda number: None,
         identity: str = "editserve",
     ) -> None:
         self.ledger, self.blobs, self.metrics = ledger, blobs, metrics
-        self.runner = ModelRunner(model, tok, generate_max_batch, generate_wait_seconds)
-        self.replayer = Replayer(self.runner.weights, ledger, blobs)
+        self.tokenizers = TokenizerPerThread(tok)
+        log.info("copying the model for the edit workspace")
+        self.workspace = Workspace(deepcopy(model), self.tokenizers.copy())
+        self.runner = ModelRunner(
+            model, self.tokenizers.copy(), generate_max_batch, generate_wait_seconds
+        )
+        patches = PatchCache(blobs)
+        self.replayer = Replayer(self.runner.weights, ledger, blobs, patches)
+        self.work_replayer = Replayer(self.workspace.weights, ledger, blobs, patches)
         self.runner.version = lambda: self.replayer.version
-        self.runner.before_read = self._catch_up
+        self._follow_lock = threading.Lock()
+        self._served = threading.Condition()
+        self.workspace.version = lambda: self.work_replayer.version
+        self.workspace.catch_up = self._catch_up_workspace
         self.guard = (
-            EditGuard(model, tok, guard, self.runner.on_base)
+            EditGuard(self.workspace.model, self.workspace.tok, guard, self.workspace.on_base)
             if guard is not None and guard.enabled
             else None
         )
         self.jobs = JobRunner(
-            self.runner,
-            self.replayer,
+            self.workspace,
+            self.work_replayer,
             ledger,
             blobs,
             self.guard,
@@ -78,6 +96,8 @@ class Engine:
             max_job_attempts,
             announce,
             identity,
+            publish=self.publish,
+            time_limit_seconds=job_time_limit_seconds,
         )
         self.state = RunnerState()
         self.follow_error: str | None = None  # why the last catch-up failed (None: it did not)
@@ -92,11 +112,8 @@ class Engine:
 
     @property
     def tok(self) -> PreTrainedTokenizerBase:
-        return self.runner.tok
-
-    @property
-    def lane(self) -> ModelLane:
-        return self.runner.lane
+        """The calling thread's own tokenizer."""
+        return self.tokenizers.get()
 
     @property
     def batcher(self) -> GenerationBatcher:
@@ -104,7 +121,8 @@ class Engine:
 
     @property
     def editor(self) -> Editor:
-        return self.runner.editor
+        """The workspace's editor (hyperparameters, model spec; computes on the workspace)."""
+        return self.workspace.editor
 
     @property
     def version(self) -> int:
@@ -138,7 +156,7 @@ class Engine:
     def start(self) -> None:
         """Hash the base, record or check it, replay the ledger to its head; then ready."""
         try:
-            self.lane.call(self._start_on_lane)
+            self.workspace.lane.call(self._start_on_lanes)
             self.state.ready, self.state.stage = True, "ready"
             log.info("ready at version %s (checksum %s)", self.version, self.checksum[:12])
         except Exception as exc:
@@ -146,24 +164,28 @@ class Engine:
             self.state.stage, self.state.error = "failed", f"{type(exc).__name__}: {exc}"
             raise
 
-    def _start_on_lane(self) -> None:
+    def _start_on_lanes(self) -> None:
+        """On the workspace lane; the served model's replay runs on its own thread."""
+        workspace = self.workspace
         began = time.perf_counter()
         self._stage("hashing the base weights")
-        self.ledger.ensure_base(self.runner.weights.checksum())
+        self.ledger.ensure_base(workspace.weights.checksum())
         self.state.seconds["hash_base"] = time.perf_counter() - began
         began = time.perf_counter()
         self._stage("statistics")
         stats_dir, corpus, samples = self._stats_args
-        self.runner.set_statistics(
-            corpus_statistics(self.model, self.tok, stats_dir, corpus, samples)
+        workspace.set_statistics(
+            corpus_statistics(workspace.model, workspace.tok, stats_dir, corpus, samples)
         )
         if self._precompute_statistics:
-            self.runner.ensure_statistics(self.runner.default_statistics_layers(), self._report)
+            workspace.ensure_statistics(workspace.default_statistics_layers(), self._report)
         self.state.seconds["statistics_setup"] = time.perf_counter() - began
         began = time.perf_counter()
         head = self.ledger.head()
+        chain = self.ledger.chain(head.number)
         self._stage(f"replaying the ledger to version {head.number}")
-        self.replayer.replay(self.ledger.chain(head.number))
+        self.runner.call(lambda: self.replayer.replay(chain))
+        self.work_replayer.replay(chain, check_each=False)
         self.state.seconds["replay"] = time.perf_counter() - began
 
     def _stage(self, stage: str) -> None:
@@ -175,41 +197,75 @@ class Engine:
 
     def close(self) -> None:
         self.runner.close()
+        self.workspace.close()
 
     # -- following the head -------------------------------------------------------------------
 
-    def _catch_up(self) -> None:
-        """Bring the weights to the ledger head (on the lane). A head that cannot be
-        reached (a blob unreadable, the database away) leaves the weights at the last good
-        version; `follow_error` says why until a later catch-up succeeds."""
-        try:
-            moved = self.replayer.follow()
-        except (BlobError, IntegrityError, PatchError, SQLAlchemyError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            if error != self.follow_error:
-                log.warning("staying at version %s: %s", self.version, error)
-            self.follow_error = error
-            return
+    def follow(self, number: int | None = None) -> None:
+        """Serve version `number` (default: the ledger head) if it is newer than the one
+        served. The chain and blobs are read on the calling thread; only the swap runs on
+        the serving thread, once the requests in flight have finished. A version that
+        cannot be reached (a blob unreadable, the database away) leaves the weights at the
+        last good version; `follow_error` says why until a later move succeeds."""
+        with self._follow_lock:  # one move prepared at a time: no older one overtakes
+            try:
+                if number is None:
+                    number = self.ledger.head().number
+                if number <= self.replayer.version:
+                    return
+                move = self.replayer.prepare(number)
+                moved = self.runner.call(lambda: self._swap(move))
+            except (BlobError, IntegrityError, PatchError, SQLAlchemyError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if error != self.follow_error:
+                    log.warning("staying at version %s: %s", self.version, error)
+                self.follow_error = error
+                return
         self.follow_error = None
         if moved:
-            log.info("following: now at version %s", self.version)
+            log.info("serving version %s", self.version)
 
-    async def sync(self) -> None:
-        """Bring the weights to the ledger head (a no-op for the writer, which is there)."""
-        await self.lane.run(self._catch_up)
+    def _swap(self, move: Move) -> bool:
+        """On the serving thread, nothing in flight: the only exclusive step of an edit."""
+        if move.number <= self.replayer.version:  # versions only grow along the lineage
+            return False
+        began = time.perf_counter()
+        self.replayer.apply(move)
+        if self.metrics is not None:
+            self.metrics.swap_seconds.observe(time.perf_counter() - began)
+        with self._served:
+            self._served.notify_all()
+        return True
 
-    def follow(self) -> None:
-        self.lane.call(self._catch_up)
+    def publish(self, number: int) -> None:
+        """Serve version `number`, just recorded by this process."""
+        self.follow(number)
+
+    def wait_served(self, number: int, timeout: float) -> bool:
+        """Block until the served weights are at `number` or later (False: timed out)."""
+        deadline = time.monotonic() + timeout
+        with self._served:
+            while self.replayer.version < number:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._served.wait(left)
+        return True
+
+    def _catch_up_workspace(self) -> None:
+        """Bring the workspace to the ledger head (on the workspace lane); errors are the
+        caller's (an evaluation or a job cannot go on from a stale copy)."""
+        self.work_replayer.follow()
 
     # -- reads and jobs -----------------------------------------------------------------------
 
     def sandbox(self, method: str, overrides: dict[str, Any], at_head: bool = False) -> Editor:
-        return self.runner.sandbox(method, overrides, at_head)
+        return self.workspace.sandbox(method, overrides, at_head)
 
     async def evaluate(
         self, requests: list[EditRequest], baseline: bool
     ) -> tuple[int, dict[str, float | None], dict[str, float | None] | None]:
-        return await self.runner.evaluate(requests, baseline)
+        return await self.workspace.evaluate(requests, baseline)
 
     async def generate(self, request: GenerationRequest) -> GenerationOutput:
         return await self.runner.generate(request)

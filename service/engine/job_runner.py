@@ -1,9 +1,10 @@
 """The job runner: carries out one claimed ledger job with one small handler per kind.
 
-A handler computes on the lane, swaps the result into the served weights and records the
-version in one ledger transaction; if the record fails, the weights go back, so the served
-model is always at a recorded version. Every ledger write carries the writer's fencing
-token: a process that lost the writer lease records nothing (StaleWriterError).
+A handler computes on the workspace (the writer's own copy of the model, on its lane),
+applies the result there and records the version in one ledger transaction; if the record
+fails, the workspace goes back. Only a recorded version is then published: the served
+model swaps it in. Every ledger write carries the writer's fencing token: a process that
+lost the writer lease records nothing (StaleWriterError).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from ..ledger.schema import Job, JobKind, Status, Version, VersionKind
 from ..ledger.store import Ledger, NewVersion, live_edits
 from ..observability import ServiceMetrics, request_id
 from .guard import EditGuard, GuardReport
-from .model_runner import ModelRunner
-from .progress import JobProgress
+from .progress import JobCancelledError, JobProgress, JobTimeLimitError
 from .replayer import Replayer
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class _Run:
 class JobRunner:
     def __init__(
         self,
-        runner: ModelRunner,
+        workspace: Workspace,
         replayer: Replayer,
         ledger: Ledger,
         blobs: BlobStore,
@@ -71,10 +72,15 @@ class JobRunner:
         max_job_attempts: int = 3,
         announce: Callable[[int], None] = lambda number: None,
         identity: str = "editserve",
+        publish: Callable[[int], None] = lambda number: None,
+        time_limit_seconds: float | None = None,
     ) -> None:
-        self.runner, self.replayer, self.ledger, self.blobs = runner, replayer, ledger, blobs
+        """`replayer` is the workspace's; `publish(number)` has the served model swap in a
+        version just recorded; `announce(number)` tells the other processes."""
+        self.workspace, self.replayer, self.ledger, self.blobs = workspace, replayer, ledger, blobs
         self.guard, self.metrics, self.max_job_attempts = guard, metrics, max_job_attempts
-        self.announce, self.identity = announce, identity
+        self.announce, self.identity, self.publish = announce, identity, publish
+        self.time_limit_seconds = time_limit_seconds
 
     def run_job(self, job_id: int, fence: int | None = None) -> None:
         """Run a job to its end. Raises StaleWriterError (this process must stand down) and
@@ -96,7 +102,8 @@ class JobRunner:
         claimed = self.ledger.start_job(job.id, fence, self.identity)
         if claimed is None:
             return
-        run = _Run(claimed, fence, JobProgress(self.ledger, job.id))
+        progress = JobProgress(self.ledger, job.id, time_limit_seconds=self.time_limit_seconds)
+        run = _Run(claimed, fence, progress)
         started, status = time.perf_counter(), Status.applied
         extra = {"job_id": job.id, "status": "running"}
         log.info("job %s (%s) started, attempt %s", job.id, job.kind, claimed.attempts, extra=extra)
@@ -106,9 +113,15 @@ class JobRunner:
             JobKind.revert: self._revert,
         }[job.kind]
         try:
-            self.runner.lane.call(handler, run)
+            number = self.workspace.lane.call(handler, run)
         except (SQLAlchemyError, StaleWriterError):
             raise
+        except JobCancelledError as exc:
+            status = Status.cancelled
+            self.ledger.finish_job(job.id, status, str(exc), "Cancelled", fence=fence)
+        except JobTimeLimitError as exc:
+            status = Status.failed
+            self.ledger.finish_job(job.id, status, str(exc), "TimeLimit", fence=fence)
         except EditError as exc:
             status = Status.rejected
             if isinstance(exc, GuardRejectedError):
@@ -118,6 +131,8 @@ class JobRunner:
             status = Status.failed
             log.exception("job %s failed", job.id, extra={"job_id": job.id})
             self.ledger.finish_job(job.id, status, str(exc), type(exc).__name__, fence=fence)
+        else:
+            self._publish(number)
         seconds = time.perf_counter() - started
         extra = {"job_id": job.id, "status": str(status), "seconds": round(seconds, 3)}
         log.info("job %s (%s) %s in %.2f s", job.id, job.kind, status, seconds, extra=extra)
@@ -131,7 +146,14 @@ class JobRunner:
         """Record an already computed `patch` as the next version of a started job, as a
         handler would (on the lane; for tools that build ledgers, such as the benchmarks)."""
         run = _Run(self.ledger.job(job_id), None, JobProgress(self.ledger, job_id))  # type: ignore[arg-type]
-        return self.runner.lane.call(self._commit, run, new, patch, applied_edits)
+        version = self.workspace.lane.call(self._commit, run, new, patch, applied_edits)
+        self._publish(version.number)
+        return version
+
+    def _publish(self, number: int) -> None:
+        """The served model swaps in the recorded version, then the other processes hear."""
+        self.publish(number)
+        self.announce(number)
 
     # -- recording (on the lane) --------------------------------------------------------------
 
@@ -151,10 +173,11 @@ class JobRunner:
     ) -> Version:
         """Apply `patch` (unless `applied_from` says it already is, on top of that snapshot),
         record the version; on any failure the weights go back."""
-        weights = self.runner.weights
+        weights = self.workspace.weights
         undo = applied_from if applied_from is not None else weights.snapshot()
         try:
             run.progress(1.0, "recording the version")
+            run.progress.check()
             sha = None
             if patch is not None:
                 if applied_from is None:
@@ -168,14 +191,13 @@ class JobRunner:
             weights.reset_to(undo)
             raise
         self.replayer.committed(version)
-        self.announce(version.number)
         return version
 
     def _with_fresh_keys(self, patch: Patch) -> Patch:
         """`patch` with new keys for the codebook entries already served, read on the
         weights `patch` makes: a change below a codebook's module moves the inputs its
         entries were keyed on, so without this they would stop firing."""
-        weights = self.runner.weights
+        weights = self.workspace.weights
         served = weights.codebooks
         if not served or not (patch.deltas or len(set(served) | set(patch.codebooks)) > 1):
             return patch
@@ -190,7 +212,7 @@ class JobRunner:
         try:
             weights.apply(patch)
             rekeys = {
-                path: fresh_keys(self.runner.model, path, book.contexts or ())
+                path: fresh_keys(self.workspace.model, path, book.contexts or ())
                 for path, book in served.items()
             }
         finally:
@@ -203,19 +225,19 @@ class JobRunner:
         if self.guard is None:
             return None, None
         run.progress(1.0, "guard: measuring the edit's effect")
-        report, applied_from = self.guard.check(patch, self.runner.weights, checksum)
+        report, applied_from = self.guard.check(patch, self.workspace.weights, checksum)
         if not report.passed:
             raise GuardRejectedError(report)
         return report, applied_from
 
     # -- handlers (on the lane) ---------------------------------------------------------------
 
-    def _edit(self, run: _Run) -> None:
+    def _edit(self, run: _Run) -> int:
         edits = self.ledger.edits_of_job(run.job.id)
         method, overrides = edits[0].method, edits[0].hparams
         self.replayer.follow()
         head = self.replayer.version
-        result = self.runner.compute(
+        result = self.workspace.compute(
             [e.request for e in edits], method, overrides, run.progress, self.replayer.history
         )
         per_edit = _diagnostics_per_edit(result, [e.id for e in edits])
@@ -224,7 +246,7 @@ class JobRunner:
         if report is not None:
             for diagnostics in per_edit.values():
                 diagnostics["guard"] = report.to_dict()
-        self._commit(
+        return self._commit(
             run,
             NewVersion(
                 kind=VersionKind.edit,
@@ -238,9 +260,9 @@ class JobRunner:
             [e.id for e in edits],
             per_edit,
             applied_from,
-        )
+        ).number
 
-    def _rollback(self, run: _Run) -> None:
+    def _rollback(self, run: _Run) -> int:
         target = int(run.job.payload["to_version"])
         if self.ledger.version(target) is None:
             raise JobRejectedError(f"version {target} does not exist", field="to_version")
@@ -248,7 +270,7 @@ class JobRunner:
         head = self.replayer.version
         self.replayer.move_to(target)
         try:
-            self._commit(
+            return self._commit(
                 run,
                 NewVersion(
                     kind=VersionKind.rollback,
@@ -258,12 +280,12 @@ class JobRunner:
                     on_head=head,
                 ),
                 None,
-            )
+            ).number
         except BaseException:
             self.replayer.move_to(head)
             raise
 
-    def _revert(self, run: _Run) -> None:
+    def _revert(self, run: _Run) -> int:
         edit_id, mode = str(run.job.payload["edit_id"]), str(run.job.payload["mode"])
         self.replayer.follow()
         chain = self.replayer.chain
@@ -275,11 +297,10 @@ class JobRunner:
             )
         index = next(i for i, v in enumerate(chain) if v.number == carrier_number)
         if mode == "subtract":
-            self._revert_subtract(run, chain[index], edit_id)
-        else:
-            self._revert_rebase(run, chain, index, edit_id)
+            return self._revert_subtract(run, chain[index], edit_id)
+        return self._revert_rebase(run, chain, index, edit_id)
 
-    def _revert_subtract(self, run: _Run, carrier: Version, edit_id: str) -> None:
+    def _revert_subtract(self, run: _Run, carrier: Version, edit_id: str) -> int:
         if len(carrier.edit_ids) > 1:
             raise JobRejectedError(
                 f"edit {edit_id} was applied in a batch of {len(carrier.edit_ids)}; "
@@ -294,7 +315,7 @@ class JobRunner:
                 "cannot take back; use mode=rebase",
                 field="mode",
             )
-        self._commit(
+        return self._commit(
             run,
             NewVersion(
                 kind=VersionKind.revert,
@@ -304,9 +325,9 @@ class JobRunner:
                 note=f"revert edit {edit_id} (subtract the patch of version {carrier.number})",
             ),
             self._with_fresh_keys(patch.negated()),
-        )
+        ).number
 
-    def _revert_rebase(self, run: _Run, chain: list[Version], index: int, edit_id: str) -> None:
+    def _revert_rebase(self, run: _Run, chain: list[Version], index: int, edit_id: str) -> int:
         """Back to the version before the edit, every later edit recomputed on top (each
         through the guard); all the new versions are recorded in one transaction, so a crash
         leaves either the old head or the whole rebase."""
@@ -324,7 +345,7 @@ class JobRunner:
             ):
                 steps.append(tuple(version.edit_ids))
         restart = chain[index - 1].number
-        weights = self.runner.weights
+        weights = self.workspace.weights
         undo = weights.snapshot()
         try:
             self.replayer.move_to(restart)
@@ -361,18 +382,19 @@ class JobRunner:
                     )
                 )
             run.progress(1.0, "recording the versions")
+            run.progress.check()
             versions = self.ledger.add_versions(news, run.job.id, run.fence)
         except BaseException:
             weights.reset_to(undo)
             self.replayer.chain = served
             raise
         self.replayer.chain = self.ledger.chain(versions[-1].number)
-        self.announce(versions[-1].number)
+        return versions[-1].number
 
     def _recompute(self, run: _Run, edit_ids: tuple[str, ...], history: list[Patch]) -> EditResult:
         edits = self.ledger.edits_by_id(edit_ids)
         prefixes = (edits[0].diagnostics or {}).get("prefixes")
-        return self.runner.compute(
+        return self.workspace.compute(
             [e.request for e in edits],
             edits[0].method,
             edits[0].hparams,

@@ -1,5 +1,5 @@
-"""The model lane: one thread that runs every operation on the model, in submission order,
-so generation never sees a half-applied patch and edits never race."""
+"""A lane: one thread that runs operations on one copy of the model, in submission order,
+so they never race."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ T = TypeVar("T")
 
 
 class ModelLane:
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-lane")
+    def __init__(self, name: str = "model-lane") -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
     def submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
         return self._executor.submit(fn, *args)

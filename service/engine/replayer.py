@@ -5,14 +5,17 @@ apply only what differs: a head that extends the current chain gets just its new
 any other target (a rollback, a rebase) recomputes only the parameters that the differing
 patches touch. Every blob is read before the weights change, and the result is checked
 against the recorded checksum, so a failed move leaves the weights at the last good version.
-Every method runs on the model lane.
+A replayer belongs to one copy of the weights (the served ones, or the writer's working
+copy) and is used from that copy's thread only; the patch cache may be shared.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from editors.patch import Patch
 from editors.weight_state import WeightState
@@ -30,12 +33,60 @@ class IntegrityError(RuntimeError):
     """Restored weights do not hash to the checksum the ledger recorded."""
 
 
+@dataclass(frozen=True)
+class Move:
+    """A version's chain and patches, read ahead of applying them."""
+
+    target: list[Version]
+    patches: dict[str, Patch]
+
+    @property
+    def number(self) -> int:
+        return self.target[-1].number
+
+
+class PatchCache:
+    """Patches by sha256, most recently used last; shared by the replayers of one process
+    (so a patch read or computed once is not read again), hence the lock."""
+
+    def __init__(self, blobs: BlobStore, size: int = PATCH_CACHE_SIZE) -> None:
+        self.blobs, self.size = blobs, size
+        self._patches: OrderedDict[str, Patch] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, sha256: str) -> Patch:
+        with self._lock:
+            patch = self._patches.get(sha256)
+            if patch is not None:
+                self._patches.move_to_end(sha256)
+                return patch
+        patch = Patch.from_bytes(self.blobs.get(sha256), expected_sha256=sha256)
+        self.remember(sha256, patch)
+        return patch
+
+    def cached(self, sha256: str) -> Patch | None:
+        with self._lock:
+            return self._patches.get(sha256)
+
+    def remember(self, sha256: str, patch: Patch) -> None:
+        with self._lock:
+            self._patches[sha256] = patch
+            if len(self._patches) > self.size:
+                self._patches.popitem(last=False)
+
+
 class Replayer:
-    def __init__(self, weights: WeightState, ledger: Ledger, blobs: BlobStore) -> None:
+    def __init__(
+        self,
+        weights: WeightState,
+        ledger: Ledger,
+        blobs: BlobStore,
+        patches: PatchCache | None = None,
+    ) -> None:
         self.weights, self.ledger, self.blobs = weights, ledger, blobs
         self._chain: list[Version] = []
-        self.served_since = 0.0  # wall-clock time the served version took effect here
-        self._patches: OrderedDict[str, Patch] = OrderedDict()
+        self.served_since = 0.0  # wall-clock time the version took effect here
+        self.patches = patches if patches is not None else PatchCache(blobs)
 
     @property
     def chain(self) -> list[Version]:
@@ -57,29 +108,24 @@ class Replayer:
         return self.chain[-1].checksum if self.chain else ""
 
     def patch(self, sha256: str) -> Patch:
-        patch = self._patches.get(sha256)
-        if patch is None:
-            patch = Patch.from_bytes(self.blobs.get(sha256), expected_sha256=sha256)
-            self.remember(sha256, patch)
-        else:
-            self._patches.move_to_end(sha256)
-        return patch
+        return self.patches.get(sha256)
 
     def cached(self, sha256: str) -> Patch | None:
         """The patch if it is in memory (a read that any thread may make)."""
-        return self._patches.get(sha256)
+        return self.patches.cached(sha256)
 
     def remember(self, sha256: str, patch: Patch) -> None:
-        self._patches[sha256] = patch
-        if len(self._patches) > PATCH_CACHE_SIZE:
-            self._patches.popitem(last=False)
+        self.patches.remember(sha256, patch)
 
-    def replay(self, chain: list[Version]) -> None:
-        """Restore `chain` from the base, checking each version's checksum on the way."""
+    def replay(self, chain: list[Version], check_each: bool = True) -> None:
+        """Restore `chain` from the base, checking each version's checksum on the way (or
+        only the last one's: a copy replayed after another already checked each)."""
         self.weights.restore([])
-        for version in chain:
+        for index, version in enumerate(chain):
             if version.patch_sha256:
                 self.weights.apply(self.patch(version.patch_sha256))
+            if not check_each and index < len(chain) - 1:
+                continue
             checksum = self.weights.checksum()
             if checksum != version.checksum:
                 raise IntegrityError(
@@ -88,36 +134,53 @@ class Replayer:
                 )
         self.chain = chain
 
-    def move_to(self, number: int) -> Version:
-        """Weights of version `number`, checked against its recorded checksum."""
+    def prepare(self, number: int) -> Move:
+        """Everything moving to `number` needs to read (its chain and every blob), read
+        now, from any thread, so that `apply` does no I/O on the thread that serves."""
         target = self.ledger.chain(number)
+        return Move(
+            target, {v.patch_sha256: self.patch(v.patch_sha256) for v in target if v.patch_sha256}
+        )
+
+    def apply(self, move: Move) -> Version:
+        """Weights of the prepared version, checked against its recorded checksum."""
+        target = move.target
         shared = _shared_prefix(self.chain, target)
-        patches = [self.patch(v.patch_sha256) for v in target if v.patch_sha256]  # reads first
+
+        def patch(sha256: str) -> Patch:
+            known = move.patches.get(sha256)
+            return known if known is not None else self.patch(sha256)
+
         undo = self.weights.snapshot()
         try:
             if shared == len(self.chain):  # the target extends what is served: add the new
                 for version in target[shared:]:
                     if version.patch_sha256:
-                        self.weights.apply(self.patch(version.patch_sha256))
+                        self.weights.apply(patch(version.patch_sha256))
             else:  # recompute what the patches off the shared part touch, nothing else
                 differing = [
-                    self.patch(v.patch_sha256)
+                    patch(v.patch_sha256)
                     for v in [*self.chain[shared:], *target[shared:]]
                     if v.patch_sha256
                 ]
-                touched = {name for patch in differing for name in patch.parameter_names}
-                self.weights.restore(patches, only=touched)
+                touched = {name for p in differing for name in p.parameter_names}
+                ordered = [patch(v.patch_sha256) for v in target if v.patch_sha256]
+                self.weights.restore(ordered, only=touched)
             checksum = self.weights.checksum()
             if checksum != target[-1].checksum:
                 raise IntegrityError(
-                    f"restored weights of version {number} hash to {checksum[:12]}, "
-                    f"the ledger recorded {target[-1].checksum[:12]}"
+                    f"restored weights of version {target[-1].number} hash to "
+                    f"{checksum[:12]}, the ledger recorded {target[-1].checksum[:12]}"
                 )
         except BaseException:
             self.weights.reset_to(undo)
             raise
         self.chain = target
         return target[-1]
+
+    def move_to(self, number: int) -> Version:
+        """Weights of version `number`, checked against its recorded checksum."""
+        return self.apply(self.prepare(number))
 
     def follow(self) -> bool:
         """Move to the ledger head if it is elsewhere; whether the weights moved."""

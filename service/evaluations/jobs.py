@@ -122,7 +122,7 @@ class EvaluationWorker(BackgroundLoop):
     def _evaluate(self, job: Job) -> tuple[Status, str | None, str | None]:
         payload = job.payload
         plan = EvaluationPlan(**payload["plan"])
-        progress = JobProgress(self.ledger, job.id)
+        progress = JobProgress(self.ledger, job.id, check_interval=None)
         progress(0.0, "loading the cases")
         cases = cases_of(payload["source"], self.settings)
         progress(0.0, "copying the model")

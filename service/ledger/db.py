@@ -16,7 +16,10 @@ MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 MIGRATION_LOCK = 0x45444954  # any fixed number: the advisory lock the migrating process holds
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, connect_timeout: float = 5.0, statement_timeout: float = 30.0) -> Engine:
+    """An engine whose calls cannot hang: a database that stops answering fails a request
+    after `connect_timeout` (connecting) or `statement_timeout` (a statement or a lock
+    wait; PostgreSQL) seconds instead of freezing the routes that wait on it."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -26,7 +29,13 @@ def make_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    return create_engine(url, pool_pre_ping=True)
+    options = f"-c statement_timeout={int(statement_timeout * 1000)}"
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_timeout=connect_timeout,
+        connect_args={"connect_timeout": max(1, round(connect_timeout)), "options": options},
+    )
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

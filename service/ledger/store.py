@@ -31,6 +31,10 @@ class LedgerMismatchError(RuntimeError):
     """The ledger was recorded on other base weights than the ones loaded."""
 
 
+class JobCancelledError(Exception):
+    """The job was cancelled on request: it records nothing."""
+
+
 @dataclass(frozen=True)
 class NewEdit:
     request: dict[str, Any]
@@ -149,6 +153,7 @@ class Ledger:
         transaction, mark its edits (and job) applied. Fails with StaleWriterError when the
         head has moved since or the lease is no longer `fence`'s."""
         with self.sessions.begin() as session:
+            self._lock_uncancelled(session, job_id)
             version = self._insert(session, new, job_id, fence)
             now = utcnow()
             for edit_id in applied_edits:
@@ -167,9 +172,19 @@ class Ledger:
         """Append several versions, each on the one before, and finish their job: all in
         one transaction, so a crash leaves all of them or none (a rebase)."""
         with self.sessions.begin() as session:
+            self._lock_uncancelled(session, job_id)
             versions = [self._insert(session, new, job_id, fence) for new in news]
             self._close_job(session, job_id, versions[-1].number, True)
             return versions
+
+    @staticmethod
+    def _lock_uncancelled(session: Session, job_id: int) -> None:
+        """Lock the job's row; a job whose cancel was asked for records nothing (the lock
+        orders this against `request_cancel`: a cancel either stops the version or finds
+        the job ended)."""
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is not None and job.cancel_requested:
+            raise JobCancelledError(f"job {job_id} was cancelled")
 
     def _insert(self, session: Session, new: NewVersion, job_id: int, fence: int | None) -> Version:
         number = advance_head(session, new.computed_on, fence)
@@ -264,14 +279,19 @@ class Ledger:
             job.result = result
 
     def request_cancel(self, job_id: int) -> Job | None:
-        """Ask a queued or running job to stop; a queued one is cancelled at once."""
+        """Ask a queued or running job to stop; a queued one is cancelled at once (with
+        its edits), a running one at its next step."""
         with self.sessions.begin() as session:
-            job = session.get(Job, job_id)
+            job = session.get(Job, job_id, with_for_update=True)
             if job is None or job.status.terminal:
                 return job
             job.cancel_requested = True
             if job.status == Status.queued:
                 job.status, job.stage, job.finished_at = Status.cancelled, "cancelled", utcnow()
+                job.error, job.error_type = "cancelled on request", "Cancelled"
+                for edit in session.scalars(select(Edit).where(Edit.job_id == job_id)):
+                    if not edit.status.terminal:
+                        edit.status, edit.error = Status.cancelled, "cancelled on request"
             return job
 
     def cancel_requested(self, job_id: int) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from editors.methods import METHODS
 
@@ -11,6 +12,7 @@ from ...ledger.schema import JobKind, Status
 from ...ledger.store import NewEdit, live_edits
 from ...observability import request_id
 from ...requests import request_record
+from ...state import ServiceState
 from ..deps import EngineDep, StateDep, authenticated, require
 from ..errors import bad_input, conflict, not_found
 from ..jobs_wait import job_answer, publish
@@ -78,6 +80,11 @@ async def revert_edit(
 ) -> JobOut | JSONResponse:
     """Undo one edit: `rebase` recomputes the later edits without it; `subtract` removes
     only its patch (fast, approximate). Both append versions to the ledger."""
+    job_id = await run_in_threadpool(_accept_revert, edit_id, body, state)
+    return await job_answer(state, job_id, body.wait)
+
+
+def _accept_revert(edit_id: str, body: RevertIn, state: ServiceState) -> int:
     edit = state.ledger.edit(edit_id)
     if edit is None:
         raise not_found(f"no edit {edit_id}", "edit_id")
@@ -106,4 +113,4 @@ async def revert_edit(
         JobKind.revert, {"edit_id": edit_id, "mode": body.mode, "request_id": request_id.get()}
     )
     publish(state, job.id)
-    return await job_answer(state, job.id, body.wait)
+    return job.id

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
+from starlette.concurrency import run_in_threadpool
 
 from editors.requests import EditRequest
 
+from ...engine.engine import Engine
 from ...requests import request_from_record
+from ...state import ServiceState
 from ..deps import EngineDep, StateDep, require
 from ..errors import bad_input, not_found
 from ..schemas import EvaluateIn, EvaluateOut
@@ -29,16 +32,23 @@ async def evaluate(
         raise bad_input(
             f"give 1 to {limit} cases", "cases" if body.cases is not None else "edit_ids"
         )
-    requests: list[EditRequest] = []
-    if body.cases is not None:
-        for index, case in enumerate(body.cases):
-            requests.append(checked_request(f"cases.{index}.", case, engine, state.settings))
-    else:
-        for index, edit_id in enumerate(body.edit_ids or []):
-            edit = state.ledger.edit(edit_id)
-            if edit is None:
-                raise not_found(f"no edit {edit_id}", f"edit_ids.{index}")
-            requests.append(request_from_record(edit.request))
+    requests = await run_in_threadpool(_requests, body, state, engine)
     version, metrics, baseline = await engine.evaluate(requests, body.baseline)
     response.headers["X-Model-Version"] = str(version)
     return EvaluateOut(model_version=version, cases=count, metrics=metrics, baseline=baseline)
+
+
+def _requests(body: EvaluateIn, state: ServiceState, engine: Engine) -> list[EditRequest]:
+    """The cases checked, or the stored requests of the named edits (a ledger read)."""
+    if body.cases is not None:
+        return [
+            checked_request(f"cases.{index}.", case, engine, state.settings)
+            for index, case in enumerate(body.cases)
+        ]
+    requests = []
+    for index, edit_id in enumerate(body.edit_ids or []):
+        edit = state.ledger.edit(edit_id)
+        if edit is None:
+            raise not_found(f"no edit {edit_id}", f"edit_ids.{index}")
+        requests.append(request_from_record(edit.request))
+    return requests

@@ -1,4 +1,4 @@
-"""/v1/jobs: a job's status and progress, polled or streamed (SSE)."""
+"""/v1/jobs: a job's status and progress, polled or streamed (SSE); cancel."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ from fastapi import APIRouter, Depends, Path
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ...auth import Principal
+from ...ledger.schema import JobKind
 from ...state import ServiceState
 from ..deps import StateDep, authenticated
-from ..errors import not_found
+from ..errors import ApiError, conflict, not_found
+from ..jobs_wait import read_job
 from ..schemas import MAX_ID, JobOut
 from ..views import job_out
 
@@ -24,7 +27,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(authe
 
 
 def _job(state: ServiceState, job_id: int) -> JobOut:
-    job = state.ledger.job(job_id)
+    job = read_job(state, job_id)
     if job is None:
         raise not_found(f"no job {job_id}", "job_id")
     return job_out(job, [e.id for e in state.ledger.edits_of_job(job_id)])
@@ -32,6 +35,35 @@ def _job(state: ServiceState, job_id: int) -> JobOut:
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: JobId, state: StateDep) -> JobOut:
+    return _job(state, job_id)
+
+
+# the scope a key needs to cancel a job: the one that may start it
+CANCEL_SCOPE = {
+    JobKind.edit: "edit",
+    JobKind.rollback: "admin",
+    JobKind.revert: "admin",
+    JobKind.evaluate: "evaluate",
+}
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobOut)
+def cancel_job(
+    job_id: JobId, state: StateDep, principal: Annotated[Principal, Depends(authenticated)]
+) -> JobOut:
+    """Cancel a queued or running job. A queued one ends `cancelled` at once; a running
+    one stops at its next step and records nothing (an evaluation keeps what it measured).
+    A job that already ended gets 409."""
+    job = state.ledger.job(job_id)
+    if job is None:
+        raise not_found(f"no job {job_id}", "job_id")
+    scope = CANCEL_SCOPE[job.kind]
+    if not principal.allows(scope):
+        raise ApiError(403, f"this key lacks the {scope!r} scope", "forbidden", headers={})
+    job = state.ledger.request_cancel(job_id)
+    assert job is not None
+    if job.status.terminal and job.status != "cancelled":
+        raise conflict(f"job {job_id} already ended {job.status}", "job_id")
     return _job(state, job_id)
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from editors.model_spec import num_layers
 
+from ...engine.engine import Engine
 from ...ledger.schema import JobKind
 from ...ledger.store import live_edits
 from ...observability import request_id
+from ...state import ServiceState
 from ..deps import EngineDep, StateDep, authenticated, require
 from ..errors import bad_input
 from ..jobs_wait import job_answer, publish
@@ -22,7 +25,13 @@ router = APIRouter(prefix="/v1", tags=["model"], dependencies=[Depends(authentic
 
 @router.get("/model", response_model=ModelOut)
 async def get_model(state: StateDep, engine: EngineDep, response: Response) -> ModelOut:
-    await engine.sync()
+    head = await run_in_threadpool(state.ledger.head)
+    if head.number != engine.version:  # the swap waits for the requests in flight
+        await run_in_threadpool(engine.follow, head.number)
+    return await run_in_threadpool(_model_out, state, engine, response)
+
+
+def _model_out(state: ServiceState, engine: Engine, response: Response) -> ModelOut:
     head = state.ledger.head()
     base = state.ledger.version(0)
     edited = engine.edited_parameters()
@@ -68,6 +77,11 @@ def list_versions(
 async def rollback(body: RollbackIn, state: StateDep, engine: EngineDep) -> JobOut | JSONResponse:
     """Restore the weights of `to_version` exactly (checked against its recorded checksum);
     recorded as a new version whose parent is `to_version`."""
+    job_id = await run_in_threadpool(_accept_rollback, body, state)
+    return await job_answer(state, job_id, body.wait)
+
+
+def _accept_rollback(body: RollbackIn, state: ServiceState) -> int:
     if state.ledger.version(body.to_version) is None:
         head = state.ledger.head()
         raise bad_input(
@@ -78,4 +92,4 @@ async def rollback(body: RollbackIn, state: StateDep, engine: EngineDep) -> JobO
         JobKind.rollback, {"to_version": body.to_version, "request_id": request_id.get()}
     )
     publish(state, job.id)
-    return await job_answer(state, job.id, body.wait)
+    return job.id
