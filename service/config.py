@@ -57,7 +57,6 @@ class Settings(BaseSettings):
     max_edits_per_job: int = Field(1000, gt=0)
     max_evaluate_cases: int = Field(64, gt=0, description="cases per synchronous /v1/evaluate")
     generate_max_batch: int = Field(32, gt=0)
-    generate_batch_wait_ms: float = Field(20.0, ge=0, description="gather time for a batch")
     auth: Literal["keys", "open"] = Field(
         "keys", description="keys: every model route needs an API key; open: no keys (local use)"
     )

@@ -93,6 +93,11 @@ class ServiceMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.registry,
         )
+        self.decoded_tokens = Counter(
+            "editserve_decoded_tokens",
+            "Tokens the serving loop decoded, for finished and abandoned requests alike",
+            registry=self.registry,
+        )
         self.generated_tokens = Counter(
             "editserve_generated_tokens", "Tokens generated", registry=self.registry
         )

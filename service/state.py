@@ -100,7 +100,6 @@ class ServiceState:
                 else None,
                 stats_samples=self.settings.stats_samples,
                 generate_max_batch=self.settings.generate_max_batch,
-                generate_wait_seconds=self.settings.generate_batch_wait_ms / 1000,
                 metrics=self.metrics,
                 precompute_statistics=self.settings.precompute_statistics,
                 max_job_attempts=self.settings.max_job_attempts,

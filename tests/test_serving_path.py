@@ -7,7 +7,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .service_support import running_app, wait_job
+import httpx
+
+from .service_support import ServiceProcess, running_app, wait_job
 
 # an edit that computes for a while: the most optimisation steps a request may ask for
 LONG = {"steps": 1000, "prefixes": 0, "lr": 1e-4, "kl_factor": 0.0}
@@ -128,3 +130,43 @@ def test_answers_racing_edits_each_match_their_versions_greedy_answer(tiny_setti
         assert len({text for text in greedy.values()}) > len(prompts)  # edits changed answers
         for prompt, version, text in answers:
             assert text == greedy[prompt, version], (prompt, version)
+
+
+def _decoded(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("editserve_decoded_tokens_total "):
+            return float(line.split()[1])
+    raise AssertionError("no editserve_decoded_tokens_total in /metrics")
+
+
+def test_a_stream_its_client_closes_stops_generating(tiny_settings, tmp_path):
+    """A real server process: the client reads two pieces of a 400-token stream and hangs
+    up; the server stops decoding for it within a few steps."""
+    server = ServiceProcess(tiny_settings(), "serve", tmp_path / "serve.log").start()
+    try:
+        deadline = time.monotonic() + 300
+        while not server.ready():
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.2)
+        before = _decoded(server.url)
+        body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 400}}
+        with (
+            httpx.Client(base_url=server.url, timeout=60) as client,
+            client.stream("POST", "/v1/generate_stream", json=body) as stream,
+        ):
+            lines = stream.iter_lines()
+            pieces = 0
+            while pieces < 2:
+                pieces += next(lines).startswith("data:")
+        # the connection is closed: the count stops moving well short of 400 tokens
+        last, still = -1.0, 0
+        while still < 5:
+            now = _decoded(server.url)
+            still = still + 1 if now == last else 0
+            last = now
+            time.sleep(0.1)
+        assert last - before < 40, f"{last - before} tokens decoded after a 2-piece stream"
+        full = httpx.post(f"{server.url}/v1/generate", json=body, timeout=120).json()
+        assert full["generated_tokens"] > 40  # the same request, not closed, runs long
+    finally:
+        server.stop()

@@ -32,7 +32,6 @@ from editors.requests import EditRequest
 from ..ledger.blobs import BlobError, BlobStore
 from ..ledger.store import Ledger, live_edits
 from ..observability import ServiceMetrics
-from .batcher import GenerationBatcher
 from .generation import GenerationOutput, GenerationRequest
 from .guard import EditGuard, GuardLimits
 from .job_runner import GuardRejectedError, JobRejectedError, JobRunner
@@ -57,7 +56,6 @@ class Engine:
         stats_corpus: str | None = None,
         stats_samples: int = 20_000,
         generate_max_batch: int = 32,
-        generate_wait_seconds: float = 0.02,
         metrics: ServiceMetrics | None = None,
         precompute_statistics: bool = True,
         max_job_attempts: int = 3,
@@ -71,7 +69,10 @@ class Engine:
         log.info("copying the model for the edit workspace")
         self.workspace = Workspace(deepcopy(model), self.tokenizers.copy())
         self.runner = ModelRunner(
-            model, self.tokenizers.copy(), generate_max_batch, generate_wait_seconds
+            model,
+            self.tokenizers.copy(),
+            generate_max_batch,
+            metrics.decoded_tokens.inc if metrics is not None else lambda count: None,
         )
         patches = PatchCache(blobs)
         self.replayer = Replayer(self.runner.weights, ledger, blobs, patches)
@@ -114,10 +115,6 @@ class Engine:
     def tok(self) -> PreTrainedTokenizerBase:
         """The calling thread's own tokenizer."""
         return self.tokenizers.get()
-
-    @property
-    def batcher(self) -> GenerationBatcher:
-        return self.runner.batcher
 
     @property
     def editor(self) -> Editor:

@@ -3,10 +3,15 @@
 Prompts are left-padded into one batch and decoded together with a KV cache; each row keeps
 its own temperature, top-k, top-p, seed, token budget and stop strings, and may stream its
 text as it grows. Rows that finish early stop emitting while the batch completes.
+
+`generate_batch` is the static form (one batch, start to end); scheduler.py's `ServingLoop`
+shares the per-row helpers here (`_Row`, `_pick`, `_advance`, `eos_ids`, `left_pad`) to let
+rows join and leave a running batch.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +34,8 @@ class GenerationRequest:
     prompt: str
     params: SamplingParams = field(default_factory=SamplingParams)
     on_text: Callable[[str], None] | None = None  # receives each new piece of text
+    # set it (e.g. the client went away) and the serving loop drops the row at its next step
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -96,6 +103,31 @@ def _advance(row: _Row, token: int, tok: PreTrainedTokenizerBase, eos: set[int])
         row.sent = len(ready)
 
 
+def eos_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
+    """Every token that ends a row: the tokenizer's eos and the generation config's (chat
+    models often list several)."""
+    eos: set[int] = set()
+    for source in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            eos.add(source)
+        elif isinstance(source, list):
+            eos.update(source)
+    return eos
+
+
+def left_pad(
+    encoded: list[list[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of `encoded` left-padded to one width: every row's newest
+    token sits in the last column, so one decoding step appends one column for all rows."""
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
+    mask = torch.tensor(
+        [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
+    )
+    return input_ids, mask
+
+
 @torch.no_grad()
 def generate_batch(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[GenerationRequest]
@@ -106,18 +138,9 @@ def generate_batch(
     for row in rows:
         if row.request.params.max_new_tokens <= 0:
             row.finish = "length"
-    width = max(len(ids) for ids in encoded)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=device)
-    mask = torch.tensor(
-        [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
-    )
-    eos: set[int] = set()
-    for source in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            eos.add(source)
-        elif isinstance(source, list):
-            eos.update(source)
+    input_ids, mask = left_pad(encoded, pad, device)
+    eos = eos_ids(model, tok)
     past = None
     step_ids = input_ids
     while any(row.finish is None for row in rows):

@@ -1,7 +1,8 @@
 """The edit guard: before an edit is recorded, measure what its patch does to the model and
 refuse it when it damages more than the deployment allows.
 
-Figures, each against the model as it is before the edit (cached per version):
+Figures, each against the model as it is before the edit (the health a passing edit
+measures after itself is the next edit's before, so each edit costs one measurement):
   perplexity_rise    relative rise of the perplexity of a fixed probe text
   canary_changed     share of a fixed canary set's predicted answer tokens that change
   canary_nll_rise    mean rise of the canary answers' token NLL (nats): damage short of a flip
@@ -154,6 +155,8 @@ class EditGuard:
         ]
         if reasons:
             weights.reset_to(undo)
+        else:  # the weights this edit makes are the next edit's "before": measured once
+            self._before = (weights.checksum(), after)
         seconds = time.perf_counter() - started
         report = GuardReport(
             not reasons, {k: round(v, 4) for k, v in figures.items()}, reasons, seconds

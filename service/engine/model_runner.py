@@ -1,9 +1,9 @@
-"""The model runner: owns the served weights and the thread that serves them.
+"""The model runner: owns the served weights and the serving loop that generates from them.
 
-Generation is the only thing that runs on the served model, with one exception: swapping a
-finished patch in (or moving to another recorded version), which runs exclusively between
-decoding steps once the requests in flight have finished, and takes milliseconds. Edits
-are computed elsewhere (workspace.py), so generation never waits for one.
+Generation (continuous batching with a KV cache, scheduler.py) is the only thing that runs
+on the served model, with one exception: swapping in a recorded version, which runs
+exclusively between decoding steps once the requests in flight have finished, and takes
+milliseconds. Edits are computed elsewhere (workspace.py), so generation never waits for one.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editors.weight_state import WeightState
 
-from .batcher import GenerationBatcher
-from .generation import GenerationOutput, GenerationRequest, generate_batch
-from .lane import ModelLane
+from .generation import GenerationOutput, GenerationRequest
+from .scheduler import ServingLoop
 
 T = TypeVar("T")
 
@@ -39,32 +38,30 @@ class ModelRunner:
         model: PreTrainedModel,
         tok: PreTrainedTokenizerBase,
         generate_max_batch: int = 32,
-        generate_wait_seconds: float = 0.02,
+        on_tokens: Callable[[int], None] = lambda count: None,
     ) -> None:
-        """`tok` is the serving thread's own tokenizer."""
+        """`tok` is the serving loop's own tokenizer."""
         self.model, self.tok = model, tok
         self.weights = WeightState(model)
         self.version: Callable[[], int] = lambda: -1  # set by the engine: the served version
-        self.lane = ModelLane("serving")
-        self.batcher = GenerationBatcher(
-            self.lane, self._generate_on_lane, generate_max_batch, generate_wait_seconds
+        self.loop = ServingLoop(
+            model,
+            tok,
+            generate_max_batch,
+            version=lambda: self.version(),
+            on_tokens=on_tokens,
         )
+        self.loop.start()
 
     def close(self) -> None:
-        self.lane.close()
+        self.loop.close()
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the served model with no generation in flight (swaps, restores)."""
-        return self.lane.call(fn)
+        return self.loop.call(fn)
 
     async def run(self, fn: Callable[[], T]) -> T:
-        return await self.lane.run(fn)
+        return await self.loop.run(fn)
 
     async def generate(self, request: GenerationRequest) -> GenerationOutput:
-        return await self.batcher.generate(request)
-
-    def _generate_on_lane(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        outputs = generate_batch(self.model, self.tok, requests)
-        for output in outputs:
-            output.version = self.version()
-        return outputs
+        return await self.loop.generate(request)

@@ -20,8 +20,8 @@ from ..background import BackgroundLoop
 from ..config import Settings
 from ..engine.engine import Engine
 from ..engine.lease import WriterLease
-from ..ledger.lease import StaleWriterError
 from ..engine.progress import JobProgress
+from ..ledger.lease import StaleWriterError
 from ..ledger.schema import Job, Status
 from ..ledger.store import Ledger
 from ..requests import request_from_record

@@ -97,9 +97,19 @@ async def generate_stream(
     def on_text(text: str) -> None:
         loop.call_soon_threadsafe(pieces.put_nowait, text)
 
-    task = asyncio.ensure_future(engine.generate(GenerationRequest(prompt, params, on_text)))
+    request = GenerationRequest(prompt, params, on_text)
+    task = asyncio.ensure_future(engine.generate(request))
 
     async def events() -> AsyncIterator[str]:
+        try:
+            async for event in _events():
+                yield event
+        finally:  # the client went away (or the stream ended): stop generating for it
+            request.cancelled.set()
+            if not task.done():
+                task.cancel()
+
+    async def _events() -> AsyncIterator[str]:
         index = 0
         while not (task.done() and pieces.empty()):
             getter = asyncio.ensure_future(pieces.get())
