@@ -155,7 +155,7 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     results: list[dict[str, Any]] = []
     if args.tiny:
-        tok = gpt2_tokenizer(ROOT.parent / "shared" / "tokenizers" / "gpt2")
+        tok = gpt2_tokenizer(ROOT.parent / "shared" / "data" / "tokenizers" / "gpt2")
         model, tok = prepare(tiny_random_model("llama", len(tok)), tok)
         results.append(check_model("tiny-llama", model, tok, device, 500, 8, 0.0))
     else:
