@@ -1,5 +1,5 @@
 """Fault injection, scripted and repeatable: the worker SIGKILLed at seeded random moments
-across 50 edits (real PostgreSQL and Redis), PostgreSQL stopped mid-edit, the blob store's
+across 24 edits (real PostgreSQL and Redis), PostgreSQL stopped mid-edit, the blob store's
 disk full."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .service_support import (
 )
 
 QUICK = {"steps": 5}  # small edits: the test is about the ledger, not the edit quality
-EDITS = 50
+EDITS = 24
 
 
 def _facts() -> list[tuple[str, str, str]]:

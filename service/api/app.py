@@ -15,7 +15,8 @@ from ..observability import new_request_id, request_id
 from ..state import ServiceState
 from .errors import install_error_handlers
 from .limits import BodySizeLimit
-from .routes import edits, evaluate, evaluations, generate, health, jobs, model
+from .openai_errors import install_error_shape
+from .routes import edits, evaluate, evaluations, generate, health, jobs, methods, model, openai
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (health, edits, jobs, model, generate, evaluate, evaluations):
+    install_error_shape(app)  # OpenAI's error shape on its routes only
+    routes = (health, edits, jobs, model, methods, generate, evaluate, evaluations, openai)
+    for module in routes:
         app.include_router(module.router)
 
     @app.get("/metrics", include_in_schema=False)

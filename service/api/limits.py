@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..observability import new_request_id
 from .errors import ApiError
+from .openai_errors import is_openai_path, openai_error_body
 
 if TYPE_CHECKING:
     from ..state import ServiceState
@@ -122,7 +123,12 @@ async def _refuse(
 ) -> None:
     given = dict(scope.get("headers") or []).get(b"x-request-id", b"")
     ident = new_request_id(given.decode("latin-1"))  # refusals are traceable like the rest
-    body = json.dumps({"error": message, "type": kind, "field": field}).encode()
+    if is_openai_path(scope.get("path", "")):
+        status = 400 if status == 422 else status
+        shaped: dict[str, object] = openai_error_body(status, message, field, kind)
+    else:
+        shaped = {"error": message, "type": kind, "field": field}
+    body = json.dumps(shaped).encode()
     headers = [(b"content-type", b"application/json"), (b"x-request-id", ident.encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -225,3 +225,21 @@ class EvaluationOut(BaseModel):
     report_url: str
     created_at: datetime
     finished_at: datetime | None
+
+
+class HyperparameterOut(BaseModel):
+    name: str
+    type: str
+    default: Any = Field(description="the default for the served model's family")
+    maximum: int | None = Field(None, description="the largest value (a layer index, a bound)")
+    max_items: int | None = Field(None, description="the most items a list may hold")
+
+
+class MethodOut(BaseModel):
+    name: str
+    family: str = Field(description="the served model's family, whose defaults are shown")
+    needs_statistics: bool = Field(description="reads the second moment of its layers' keys")
+    uses_history: bool = Field(description="reads the patches applied before it")
+    subtractable: bool = Field(description="a revert may subtract its patch")
+    writes_weights: bool = Field(description="changes weights (not only codebook entries)")
+    hyperparameters: list[HyperparameterOut]

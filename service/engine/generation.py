@@ -7,6 +7,10 @@ text as it grows. Rows that finish early stop emitting while the batch completes
 `generate_batch` is the static form (one batch, start to end); scheduler.py's `ServingLoop`
 shares the per-row helpers here (`_Row`, `_pick`, `_advance`, `eos_ids`, `left_pad`) to let
 rows join and leave a running batch.
+
+Log-probabilities are those of the raw model distribution (log-softmax of the logits, before
+temperature, top-k or top-p), as vLLM reports by default; they are computed only for rows
+that ask (`logprobs`, `prompt_logprobs`), so other rows decode exactly as before.
 """
 
 from __future__ import annotations
@@ -29,28 +33,76 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token, its log-probability given what came before, and the `k` likeliest tokens
+    at its position with theirs (likeliest first; empty when no alternatives were asked)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class GenerationRequest:
-    prompt: str
+    prompt: str = ""
     params: SamplingParams = field(default_factory=SamplingParams)
     on_text: Callable[[str], None] | None = None  # receives each new piece of text
     # set it (e.g. the client went away) and the serving loop drops the row at its next step
     cancelled: threading.Event = field(default_factory=threading.Event)
+    prompt_ids: list[int] | None = None  # the prompt as token ids: used instead of `prompt`
+    logprobs: int | None = None  # each generated token's logprob, with this many alternatives
+    # each prompt token's logprob given the ones before (the first has none), with this many
+    # alternatives; with max_new_tokens 0 the request only scores its prompt
+    prompt_logprobs: int | None = None
+    on_logprob: Callable[[TokenLogprob], None] | None = None  # each generated token's, in turn
+    version: int | None = field(default=None, init=False)  # set by the loop when admitted
 
 
 @dataclass
 class GenerationOutput:
     text: str
-    tokens: int
+    tokens: int  # generated tokens in `text` (an ending eos is not counted)
     finish_reason: str  # "length", "stop" or "eos"
     prompt_tokens: int
     version: int = -1  # the model version that produced it
+    token_ids: list[int] = field(default_factory=list)  # every picked token, an ending eos too
+    prompt_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per `token_ids` entry, if asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, if asked
+
+
+def encode(request: GenerationRequest, tok: PreTrainedTokenizerBase) -> list[int]:
+    """The request's prompt tokens: its `prompt_ids`, else its `prompt` tokenized."""
+    if request.prompt_ids is not None:
+        return list(request.prompt_ids)
+    return list(tok(request.prompt, add_special_tokens=True)["input_ids"])
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """Logprobs of `tokens` under the rows of `logits` (row i predicts tokens[i]), each
+    with its `k` likeliest alternatives. One transfer to the host for all rows."""
+    if not tokens:
+        return []
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    index = torch.tensor(tokens, dtype=torch.long, device=logits.device).unsqueeze(-1)
+    chosen = logprobs.gather(-1, index).squeeze(-1).tolist()
+    if k <= 0:
+        return [TokenLogprob(t, lp) for t, lp in zip(tokens, chosen, strict=True)]
+    values, ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+    tops = [
+        tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+    ]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(tokens, chosen, tops, strict=True)]
 
 
 class _Row:
     def __init__(self, request: GenerationRequest, prompt_tokens: int, device: torch.device):
         self.request, self.prompt_tokens = request, prompt_tokens
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # the tokens of `text` (an ending eos is not among them)
+        self.picked: list[int] = []  # every picked token, an ending eos too
+        self.logprobs: list[TokenLogprob] | None = [] if request.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.text, self.sent = "", 0
         self.finish: str | None = None
         self.generator: torch.Generator | None = None
@@ -76,8 +128,19 @@ def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generat
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _advance(row: _Row, token: int, tok: PreTrainedTokenizerBase, eos: set[int]) -> None:
+def _advance(
+    row: _Row,
+    token: int,
+    tok: PreTrainedTokenizerBase,
+    eos: set[int],
+    logprob: TokenLogprob | None = None,
+) -> None:
     params = row.request.params
+    row.picked.append(token)
+    if logprob is not None and row.logprobs is not None:
+        row.logprobs.append(logprob)
+        if row.request.on_logprob:  # before the token's text, so a stream can pair them
+            row.request.on_logprob(logprob)
     if token in eos:
         row.finish = "eos"
     else:
@@ -133,7 +196,7 @@ def generate_batch(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[GenerationRequest]
 ) -> list[GenerationOutput]:
     device = next(model.parameters()).device
-    encoded = [tok(r.prompt, add_special_tokens=True)["input_ids"] for r in requests]
+    encoded = [encode(r, tok) for r in requests]
     rows = [_Row(r, len(ids), device) for r, ids in zip(requests, encoded, strict=True)]
     for row in rows:
         if row.request.params.max_new_tokens <= 0:
@@ -164,7 +227,14 @@ def generate_batch(
                 chosen.append(pad)
         step_ids = torch.tensor(chosen, device=device).unsqueeze(1)
         mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
-    return [
-        GenerationOutput(row.text, len(row.ids), row.finish or "length", row.prompt_tokens)
-        for row in rows
+    return [  # logprobs are the serving loop's (scheduler.py); this static form has none
+        GenerationOutput(
+            row.text,
+            len(row.ids),
+            row.finish or "length",
+            row.prompt_tokens,
+            token_ids=row.picked,
+            prompt_ids=ids,
+        )
+        for row, ids in zip(rows, encoded, strict=True)
     ]

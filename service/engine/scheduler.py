@@ -32,6 +32,12 @@ every running row's prompt and generated tokens into a fresh cache.
 
 Cancellation: a request whose `cancelled` event is set (or whose awaiting task is cancelled)
 leaves at the next step, and its caller gets `GenerationCancelled`, never a partial answer.
+
+Logprobs: a row that asks for `logprobs` gets a log-softmax of its own logits row at each
+step; one that asks for `prompt_logprobs` is prefilled apart from the others, keeping the
+logits of every position (not only the last), in groups whose logits stay under
+`PROMPT_LOGITS_BUDGET` values. A row with no new tokens to make leaves right after its
+prefill. Rows that ask for neither are prefilled and decoded exactly as before.
 """
 
 from __future__ import annotations
@@ -58,12 +64,18 @@ from .generation import (
     _advance,
     _pick,
     _Row,
+    encode,
     eos_ids,
     left_pad,
+    token_logprobs,
 )
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+# most logits (rows x positions x vocabulary) one prefill keeps for prompt logprobs; a row
+# longer than this is still prefilled, alone
+PROMPT_LOGITS_BUDGET = 2**27
 
 
 class GenerationCancelled(Exception):
@@ -203,6 +215,7 @@ class ServingLoop:
         self._eos = eos_ids(model, tok)
         self._pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self._device = next(model.parameters()).device
+        self._vocab = model.get_input_embeddings().weight.shape[0]
         parameters = inspect.signature(model.forward).parameters
         # transformers 5.x renames `past_key_values` to `cache`; the cache is updated in place,
         # so either name works as long as it is the accepted one
@@ -358,27 +371,73 @@ class ServingLoop:
         try:
             version = self.version()
             for ticket in tickets:
-                request = ticket.request
-                if request.cancelled.is_set():
-                    _resolve(ticket, None, GenerationCancelled("cancelled before it started"))
-                    continue
-                ids = list(self.tok(request.prompt, add_special_tokens=True)["input_ids"])
-                live = _Live(ticket, _Row(request, len(ids), self._device), ids, version)
-                if request.params.max_new_tokens <= 0:
-                    live.row.finish = "length"
-                    self._finish(live)
-                elif not ids:
-                    _resolve(ticket, None, ValueError("the prompt encodes to no tokens"))
-                else:
+                live = self._arrive(ticket, version)
+                if live is not None:
                     newcomers.append(live)
             if not newcomers:
                 return
-            fresh, logits = self._prefill(newcomers)
+            prefilled = [self._prefill(rows, full) for rows, full in self._groups(newcomers)]
         except Exception as exc:  # the newcomers fail; the running rows never saw them
             log.exception("admission failed")
             for ticket in tickets:
                 _resolve(ticket, None, exc)
             return
+        for fresh, logits in prefilled:
+            self._join(fresh, logits)
+
+    def _arrive(self, ticket: _Ticket, version: int) -> _Live | None:
+        """A waiting request as a row to prefill, or None if it is already answered."""
+        request = ticket.request
+        if request.cancelled.is_set():
+            _resolve(ticket, None, GenerationCancelled("cancelled before it started"))
+            return None
+        ids = encode(request, self.tok)
+        request.version = version
+        live = _Live(ticket, _Row(request, len(ids), self._device), ids, version)
+        if request.params.max_new_tokens <= 0 and request.prompt_logprobs is None:
+            live.row.finish = "length"
+            self._finish(live)
+        elif not ids:
+            _resolve(ticket, None, ValueError("the prompt encodes to no tokens"))
+        elif request.prompt_ids is not None and not all(0 <= t < self._vocab for t in ids):
+            _resolve(ticket, None, ValueError("a prompt token id is outside the vocabulary"))
+        else:
+            return live
+        return None
+
+    def _groups(self, rows: list[_Live]) -> list[tuple[list[_Live], bool]]:
+        """Prefill groups, each with whether it keeps every position's logits: rows that
+        need only their last logits together, rows that score their prompt apart."""
+        plain = [live for live in rows if live.row.request.prompt_logprobs is None]
+        groups = [(plain, False)] if plain else []
+        group: list[_Live] = []
+        for live in rows:
+            if live.row.request.prompt_logprobs is None:
+                continue
+            width = max(len(other.tokens) for other in [*group, live])
+            if group and (len(group) + 1) * width * self._vocab > PROMPT_LOGITS_BUDGET:
+                groups.append((group, True))
+                group = []
+            group.append(live)
+        if group:
+            groups.append((group, True))
+        return groups
+
+    def _join(self, fresh: _Batch, logits: torch.Tensor) -> None:
+        """Rows that only score their prompt leave; the others pick their first tokens and
+        join the running batch."""
+        scored = [
+            i for i, live in enumerate(fresh.rows) if live.row.request.params.max_new_tokens <= 0
+        ]
+        if scored:
+            for index in scored:
+                fresh.rows[index].row.finish = "length"
+                self._finish(fresh.rows[index])
+            keep = [i for i in range(len(fresh.rows)) if i not in scored]
+            self._filter(fresh, keep)
+            if not keep:
+                return
+            logits = logits[keep]
         self._pick_and_filter(fresh, logits)
         if not fresh.rows:
             return
@@ -397,8 +456,9 @@ class ServingLoop:
                     _resolve(live.ticket, None, exc)
 
     @torch.no_grad()
-    def _prefill(self, rows: list[_Live]) -> tuple[_Batch, torch.Tensor]:
-        """Encode `rows`' tokens into a fresh cache: that batch, and each row's last logits."""
+    def _prefill(self, rows: list[_Live], full: bool = False) -> tuple[_Batch, torch.Tensor]:
+        """Encode `rows`' tokens into a fresh cache: that batch, and each row's last logits.
+        `full`: keep every position's logits and score each row's prompt with them."""
         input_ids, mask = left_pad([live.tokens for live in rows], self._pad, self._device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
@@ -408,9 +468,18 @@ class ServingLoop:
             position_ids=positions,
             use_cache=True,
             **{self._cache_arg: cache},
-            **self._keep_last,
+            **({} if full else self._keep_last),
         )
-        return _Batch(list(rows), cache, mask, mask.sum(-1, keepdim=True)), out.logits[:, -1]
+        last = out.logits[:, -1]
+        if full:
+            width = input_ids.shape[1]
+            for index, live in enumerate(rows):
+                count, k = len(live.tokens), live.row.request.prompt_logprobs or 0
+                # position p's logits predict token p + 1; the first token has no logprob
+                scores = out.logits[index, width - count : width - 1]
+                live.row.prompt_logprobs = [None, *token_logprobs(scores, live.tokens[1:], k)]
+            last = last.clone()  # not a view: the full logits are freed on return
+        return _Batch(list(rows), cache, mask, mask.sum(-1, keepdim=True)), last
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -460,8 +529,11 @@ class ServingLoop:
                     token = greedy[index]
                 else:
                     token = _pick(logits[index], row.request.params, row.generator)
+                entry, k = None, row.request.logprobs
+                if k is not None:  # only rows that ask pay for a log-softmax
+                    (entry,) = token_logprobs(logits[index : index + 1], [token], k)
                 live.tokens.append(token)
-                _advance(row, token, self.tok, self._eos)
+                _advance(row, token, self.tok, self._eos, entry)
             except Exception as exc:  # e.g. a failing on_text: this row only
                 row.finish = row.finish or "error"
                 _resolve(live.ticket, None, exc)
@@ -501,7 +573,15 @@ class ServingLoop:
     def _finish(self, live: _Live) -> None:
         row = live.row
         output = GenerationOutput(
-            row.text, len(row.ids), row.finish or "length", row.prompt_tokens, live.version
+            row.text,
+            len(row.ids),
+            row.finish or "length",
+            row.prompt_tokens,
+            live.version,
+            token_ids=row.picked,
+            prompt_ids=live.tokens[: row.prompt_tokens],
+            logprobs=row.logprobs,
+            prompt_logprobs=row.prompt_logprobs,
         )
         _resolve(live.ticket, output, None)
 
