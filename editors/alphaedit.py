@@ -25,7 +25,7 @@ from .core.history import earlier_keys
 from .core.spread import Factors, spread_edit
 from .core.updates import null_space_projection, null_space_update
 from .core.values import ProgressFn
-from .errors import UnknownHyperparameterError
+from .errors import InvalidValueError
 from .hparams import SequentialHyperParams
 from .model_spec import ModelSpec
 from .patch import Patch
@@ -49,11 +49,9 @@ class AlphaEditHyperParams(SequentialHyperParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.nullspace_energy < 1:
-            raise UnknownHyperparameterError(
-                "nullspace_energy must lie in (0, 1)", field="nullspace_energy"
-            )
+            raise InvalidValueError("nullspace_energy must lie in (0, 1)", field="nullspace_energy")
         if self.l2 <= 0:
-            raise UnknownHyperparameterError("l2 must be positive", field="l2")
+            raise InvalidValueError("l2 must be positive", field="l2")
 
 
 # P per (statistics object, layer, energy): an eigendecomposition of d_in x d_in, reused

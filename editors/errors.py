@@ -29,8 +29,21 @@ class UnknownMethodError(EditError):
     """No editing method is registered under that name."""
 
 
-class UnknownHyperparameterError(EditError):
-    """A hyperparameter override names a field the method does not have, or has a bad value."""
+class HyperparameterError(EditError):
+    """Base class of the hyperparameter problems below; `field` names the hyperparameter."""
+
+
+class UnknownHyperparameterError(HyperparameterError):
+    """A hyperparameter override names a field the method does not have."""
+
+
+class InvalidValueError(HyperparameterError):
+    """A hyperparameter has a value of the wrong type, outside its allowed range (negative
+    where it must be positive, past an upper bound, ...) or at odds with another one."""
+
+
+class LayerOutOfRangeError(HyperparameterError):
+    """A hyperparameter names a layer index the model does not have."""
 
 
 class UnsupportedModelError(EditError):

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .core.answers import answer_batch
 from .core.values import ProgressFn
-from .errors import UnknownHyperparameterError
+from .errors import InvalidValueError
 from .hparams import check_layers, layer_at
 from .model_spec import ModelSpec, detect_spec, edited_weight, num_layers
 from .patch import Patch
@@ -44,12 +44,12 @@ class FTHyperParams:
 
     def __post_init__(self) -> None:
         if self.objective not in ("first_token", "all_tokens"):
-            raise UnknownHyperparameterError(
+            raise InvalidValueError(
                 "objective must be first_token or all_tokens", field="objective"
             )
         for name in ("steps", "lr", "norm_constraint", "stop_nll"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise UnknownHyperparameterError(f"{name} must be positive", field=name)
+                raise InvalidValueError(f"{name} must be positive", field=name)
 
     def edited_layers(self, n_layers: int) -> list[int]:
         layers = list(self.layers) if self.layers else [layer_at(self.layer_fraction, n_layers)]

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .codebook import Codebook
 from .core.answers import answer_batch
 from .core.values import ProgressFn
-from .errors import UnknownHyperparameterError
+from .errors import InvalidValueError
 from .hparams import check_layers, layer_at
 from .model_spec import ModelSpec, detect_spec, num_layers
 from .patch import Patch
@@ -48,11 +48,11 @@ class GRACEHyperParams:
     def __post_init__(self) -> None:
         for name in ("radius", "steps", "lr", "stop_nll", "layer_fraction"):
             if getattr(self, name) <= 0:
-                raise UnknownHyperparameterError(f"{name} must be positive", field=name)
+                raise InvalidValueError(f"{name} must be positive", field=name)
 
     def edited_layers(self, n_layers: int) -> list[int]:
         layers = [self.layer if self.layer is not None else layer_at(self.layer_fraction, n_layers)]
-        check_layers(layers, n_layers)
+        check_layers(layers, n_layers, field="layer")
         return layers
 
 

@@ -7,7 +7,7 @@ import json
 from typing import Any, TypeVar
 
 from .core.values import ValueOptions
-from .errors import UnknownHyperparameterError
+from .errors import InvalidValueError, LayerOutOfRangeError, UnknownHyperparameterError
 
 H = TypeVar("H")
 
@@ -30,10 +30,10 @@ class LocateEditHyperParams:
         positive = ("steps", "lr", "prefix_length", "clamp_norm_factor", "stop_nll")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise UnknownHyperparameterError(f"{name} must be positive", field=name)
+                raise InvalidValueError(f"{name} must be positive", field=name)
         for name in ("prefixes", "kl_factor", "weight_decay"):
             if getattr(self, name) < 0:
-                raise UnknownHyperparameterError(f"{name} must not be negative", field=name)
+                raise InvalidValueError(f"{name} must not be negative", field=name)
 
     @property
     def value_options(self) -> ValueOptions:
@@ -60,8 +60,9 @@ UPPER_BOUNDS: dict[str, int] = {
 
 
 def with_overrides(base: H, overrides: dict[str, Any] | None) -> H:
-    """`base` with `overrides` applied; unknown names, wrongly typed values and values past
-    `UPPER_BOUNDS` are refused."""
+    """`base` with `overrides` applied. Unknown names are refused with
+    UnknownHyperparameterError; wrongly typed values and values past `UPPER_BOUNDS` with
+    InvalidValueError."""
     if not overrides:
         return base
     fields = {f.name: f for f in dataclasses.fields(base)}  # type: ignore[arg-type]
@@ -78,7 +79,7 @@ def with_overrides(base: H, overrides: dict[str, Any] | None) -> H:
         size = len(value) if isinstance(value, tuple) else value
         if bound is not None and isinstance(size, int) and size > bound:
             what = "entries" if isinstance(value, tuple) else ""
-            raise UnknownHyperparameterError(
+            raise InvalidValueError(
                 f"{name} is limited to {bound}{' ' + what if what else ''}", field=name
             )
     return dataclasses.replace(base, **coerced)  # type: ignore[type-var]
@@ -92,22 +93,22 @@ def _coerce(name: str, declared: str, value: Any) -> Any:
         if not isinstance(value, list | tuple) or not all(
             isinstance(v, int) and not isinstance(v, bool) for v in value
         ):
-            raise UnknownHyperparameterError(f"{name} must be a list of integers", field=name)
+            raise InvalidValueError(f"{name} must be a list of integers", field=name)
         return tuple(value)
     if declared.startswith("bool"):
         if not isinstance(value, bool):
-            raise UnknownHyperparameterError(f"{name} must be true or false", field=name)
+            raise InvalidValueError(f"{name} must be true or false", field=name)
         return value
     if declared.startswith("int"):
         if not isinstance(value, int) or isinstance(value, bool):
-            raise UnknownHyperparameterError(f"{name} must be an integer", field=name)
+            raise InvalidValueError(f"{name} must be an integer", field=name)
         return value
     if declared.startswith("float"):
         if not isinstance(value, int | float) or isinstance(value, bool):
-            raise UnknownHyperparameterError(f"{name} must be a number", field=name)
+            raise InvalidValueError(f"{name} must be a number", field=name)
         return float(value)
     if declared.startswith("str") and not isinstance(value, str):
-        raise UnknownHyperparameterError(f"{name} must be a string", field=name)
+        raise InvalidValueError(f"{name} must be a string", field=name)
     return value
 
 
@@ -117,7 +118,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise UnknownHyperparameterError(f"expected name=value, got {pair!r}", field=pair)
+            raise InvalidValueError(f"expected name=value, got {pair!r}", field=pair)
         try:
             out[name] = json.loads(value)
         except json.JSONDecodeError:
@@ -129,11 +130,12 @@ def layer_at(fraction: float, n_layers: int) -> int:
     return min(n_layers - 1, max(0, round(fraction * n_layers)))
 
 
-def check_layers(layers: list[int], n_layers: int) -> None:
+def check_layers(layers: list[int], n_layers: int, field: str = "layers") -> None:
+    """Every index names a layer of the model; `field` is the hyperparameter that gave them."""
     for layer in layers:
         if not 0 <= layer < n_layers:
-            raise UnknownHyperparameterError(
-                f"layer {layer} is outside the model's 0..{n_layers - 1}", field="layers"
+            raise LayerOutOfRangeError(
+                f"layer {layer} is outside the model's 0..{n_layers - 1}", field=field
             )
 
 
@@ -166,23 +168,19 @@ class SpreadHyperParams(LocateEditHyperParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.layer_share_cap < 0:
-            raise UnknownHyperparameterError(
-                "layer_share_cap must not be negative", field="layer_share_cap"
-            )
+            raise InvalidValueError("layer_share_cap must not be negative", field="layer_share_cap")
         if self.iterations < 1:
-            raise UnknownHyperparameterError("iterations must be at least 1", field="iterations")
+            raise InvalidValueError("iterations must be at least 1", field="iterations")
         if not 0 <= self.tolerance < 1:
-            raise UnknownHyperparameterError("tolerance must lie in [0, 1)", field="tolerance")
+            raise InvalidValueError("tolerance must lie in [0, 1)", field="tolerance")
         if self.mom2_update_weight < 0:
-            raise UnknownHyperparameterError(
+            raise InvalidValueError(
                 "mom2_update_weight must not be negative", field="mom2_update_weight"
             )
         if self.layers is not None and (
             not self.layers or list(self.layers) != sorted(set(self.layers))
         ):
-            raise UnknownHyperparameterError(
-                "layers must be distinct and ascending", field="layers"
-            )
+            raise InvalidValueError("layers must be distinct and ascending", field="layers")
 
     @property
     def target_source(self) -> TargetSource:
@@ -218,11 +216,9 @@ class SequentialHyperParams(SpreadHyperParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.history_weight < 0:
-            raise UnknownHyperparameterError(
-                "history_weight must not be negative", field="history_weight"
-            )
+            raise InvalidValueError("history_weight must not be negative", field="history_weight")
         if self.edited_context and not self.rewind:
-            raise UnknownHyperparameterError("edited_context needs rewind", field="edited_context")
+            raise InvalidValueError("edited_context needs rewind", field="edited_context")
 
     @property
     def target_source(self) -> TargetSource:

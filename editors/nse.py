@@ -49,7 +49,7 @@ from .core.spread import (
 )
 from .core.updates import least_squares_update, neurons_carrying
 from .core.values import ProgressFn, progress_share
-from .errors import UnknownHyperparameterError
+from .errors import InvalidValueError
 from .hparams import SequentialHyperParams
 from .model_spec import ModelSpec
 from .patch import Patch, apply_patch, revert_patch
@@ -73,15 +73,11 @@ class NSEHyperParams(SequentialHyperParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.neuron_share <= 1:
-            raise UnknownHyperparameterError(
-                "neuron_share must lie in (0, 1]", field="neuron_share"
-            )
+            raise InvalidValueError("neuron_share must lie in (0, 1]", field="neuron_share")
         if not 0 <= self.landing_prob < 1:
-            raise UnknownHyperparameterError(
-                "landing_prob must lie in [0, 1)", field="landing_prob"
-            )
+            raise InvalidValueError("landing_prob must lie in [0, 1)", field="landing_prob")
         if self.landing_target_prob and not self.landing_prob < self.landing_target_prob < 1:
-            raise UnknownHyperparameterError(
+            raise InvalidValueError(
                 "landing_target_prob must be 0 or lie in (landing_prob, 1)",
                 field="landing_target_prob",
             )

@@ -27,7 +27,7 @@ from .core.context import edit_context
 from .core.keys import Keys, compute_keys, keys_at
 from .core.updates import rank_one_update
 from .core.values import KL_TEMPLATE, ProgressFn, optimise_residual_targets
-from .errors import UnknownHyperparameterError
+from .errors import InvalidValueError
 from .hparams import LocateEditHyperParams, check_layers, layer_at
 from .model_spec import ModelSpec
 from .patch import AppliedPatch, Patch, apply_patch, revert_patch
@@ -50,14 +50,14 @@ class ROMEHyperParams(LocateEditHyperParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.variant not in VARIANTS:
-            raise UnknownHyperparameterError(f"variant must be one of {VARIANTS}", field="variant")
+            raise InvalidValueError(f"variant must be one of {VARIANTS}", field="variant")
 
     def edited_layers(self, n_layers: int) -> list[int]:
         return [self.resolved_layer(n_layers)]
 
     def resolved_layer(self, n_layers: int) -> int:
         layer = self.layer if self.layer is not None else layer_at(self.layer_fraction, n_layers)
-        check_layers([layer], n_layers)
+        check_layers([layer], n_layers, field="layer")
         return layer
 
 

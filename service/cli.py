@@ -104,6 +104,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = Settings()
     configure_logging(settings.log_format, args.log_level)
+    settings.warn_about_old_data_dir()
     state = ServiceState.create(settings, run_migrations=settings.auto_migrate)
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -128,7 +129,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from .config import Settings
     from .ledger.db import migrate
 
-    url = args.database_url or Settings().resolved_database_url
+    settings = Settings()
+    if not args.database_url:
+        settings.warn_about_old_data_dir()
+    url = args.database_url or settings.resolved_database_url
     migrate(url, args.revision)
     print(f"ledger schema at {args.revision}")
     return 0
@@ -140,7 +144,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from .config import Settings
     from .ledger.db import make_engine, migrate, session_factory
 
-    url = args.database_url or Settings().resolved_database_url
+    settings = Settings()
+    if not args.database_url:
+        settings.warn_about_old_data_dir()
+    url = args.database_url or settings.resolved_database_url
     migrate(url)
     engine = make_engine(url)
     store = KeyStore(session_factory(engine))

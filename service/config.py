@@ -6,6 +6,8 @@ in-process queue (no Redis URL), the worker inside the API process, the default 
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +19,17 @@ from editors.models import DEFAULT_MODEL, default_cache_dir
 from .engine.guard import GuardLimits
 from .evaluations.sources import default_benchmark_dir
 
+log = logging.getLogger(__name__)
+OLD_DEFAULT_DATA_DIR = Path("editserve-data")  # the old default, relative to the working dir
+
+
+def default_data_dir() -> Path:
+    """`$XDG_DATA_HOME/editserve`, else ~/.local/share/editserve: one place per user, so
+    `editserve keys create` run from any folder uses the ledger the server uses."""
+    base = os.environ.get("XDG_DATA_HOME", "")
+    root = Path(base) if base and Path(base).is_absolute() else Path.home() / ".local" / "share"
+    return root / "editserve"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="EDITSERVE_", extra="ignore")
@@ -24,7 +37,10 @@ class Settings(BaseSettings):
     model: str = Field(DEFAULT_MODEL, description="built-in model name or a local folder")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    data_dir: Path = Field(Path("editserve-data"), description="ledger and blobs (embedded)")
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="SQLite ledger, blobs and the first admin key (~/.local/share/editserve)",
+    )
     database_url: str | None = Field(None, description="default: SQLite in data_dir")
     blob_store: Literal["database", "filesystem"] = Field(
         "database", description="where patch blobs live: the ledger database, or blob_dir"
@@ -114,3 +130,16 @@ class Settings(BaseSettings):
     @property
     def resolved_blob_dir(self) -> Path:
         return self.blob_dir or self.data_dir / "blobs"
+
+    def warn_about_old_data_dir(self) -> None:
+        """A ledger in ./editserve-data (the old default) that these settings do not use."""
+        old = OLD_DEFAULT_DATA_DIR / "ledger.db"
+        if "data_dir" in self.model_fields_set or self.database_url or not old.is_file():
+            return
+        log.warning(
+            "%s holds a ledger from the old default data dir; this process uses %s. "
+            "Set EDITSERVE_DATA_DIR=%s to keep using the old one",
+            old.absolute(),
+            self.data_dir,
+            OLD_DEFAULT_DATA_DIR.absolute(),
+        )

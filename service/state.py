@@ -51,6 +51,7 @@ class ServiceState:
     notices: VersionNotices | None = None
     identity: str = ""
     boot_error: str | None = None
+    booted: bool = False  # boot() has finished: the worker (if any) runs
     _boot_thread: threading.Thread | None = field(default=None, repr=False)
 
     @classmethod
@@ -83,6 +84,7 @@ class ServiceState:
         """Load the model, restore the ledger head, then start the worker (if asked)."""
         try:
             device = resolve_device(self.settings.device)
+            log.info("start-up: loading the model %s on %s", self.settings.model, device)
             model, tok = load_model(
                 self.settings.model,
                 self.settings.cache_dir,
@@ -123,6 +125,8 @@ class ServiceState:
                 self.worker.start()
                 self.evaluation_worker = EvaluationWorker(engine, self.settings, self.lease)
                 self.evaluation_worker.start()
+            self.booted = True
+            log.info("start-up: done; serving version %s as %s", engine.version, self.role)
         except Exception as exc:
             log.exception("start-up failed")
             self.boot_error = f"{type(exc).__name__}: {exc}"
@@ -147,13 +151,17 @@ class ServiceState:
 
     @property
     def role(self) -> Role:
-        if self.lease is not None:
-            return self.lease.role
-        return Role.follower if self.ready else Role.starting
+        """`starting` until boot() has finished, then writer or standby (with a worker),
+        else follower."""
+        if not self.ready:
+            return Role.starting
+        return self.lease.role if self.lease is not None else Role.follower
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.engine.state.ready
+        """boot() has finished: the engine serves the ledger head and the worker (if any)
+        runs, so /readyz never says ready while the role is still unknown."""
+        return self.booted and self.engine is not None and self.engine.state.ready
 
     def close(self) -> None:
         self.wait_booted(timeout=600)

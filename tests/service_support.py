@@ -224,8 +224,11 @@ class PostgresServer:
 class ServiceProcess:
     """`editserve serve` (an API process) or `editserve worker` in its own OS process."""
 
-    def __init__(self, settings: Settings, kind: str, log: Path) -> None:
-        self.settings, self.kind, self.log = settings, kind, log
+    def __init__(
+        self, settings: Settings, kind: str, log: Path, log_level: str | None = "warning"
+    ) -> None:
+        """`log_level` None: the command's own default."""
+        self.settings, self.kind, self.log, self.log_level = settings, kind, log, log_level
         self.port = free_port() if kind == "serve" else None
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -234,7 +237,9 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServiceProcess:
-        command = [sys.executable, "-m", "service.cli", self.kind, "--log-level", "warning"]
+        command = [sys.executable, "-m", "service.cli", self.kind]
+        if self.log_level is not None:
+            command += ["--log-level", self.log_level]
         if self.port is not None:
             command += ["--port", str(self.port)]
         self.process = subprocess.Popen(

@@ -11,7 +11,7 @@ from editors import EditRequest, Patch, apply_patch, revert_patch
 from editors.alphaedit import AlphaEditHyperParams
 from editors.core.history import earlier_keys
 from editors.core.updates import null_space_projection, null_space_update
-from editors.errors import UnknownHyperparameterError
+from editors.errors import InvalidValueError
 
 from .conftest import assert_same_weights, weights_snapshot
 
@@ -203,6 +203,6 @@ def test_bad_alphaedit_hyperparameters_are_named():
         ({"history_weight": -1.0}, "history_weight"),
         ({"edited_context": True}, "edited_context"),
     ):
-        with pytest.raises(UnknownHyperparameterError) as err:
+        with pytest.raises(InvalidValueError) as err:
             AlphaEditHyperParams(**overrides)
         assert err.value.field == field

@@ -8,6 +8,8 @@ import torch
 from editors import (
     EditRequest,
     EmptyTargetError,
+    InvalidValueError,
+    LayerOutOfRangeError,
     ModelSpec,
     SubjectNotInPromptError,
     SubjectNotLocatedError,
@@ -71,15 +73,16 @@ class _Empty:
     [
         ("nope", None, UnknownMethodError, "method"),
         ("rome", {"learning_rate": 1.0}, UnknownHyperparameterError, "learning_rate"),
-        ("rome", {"steps": "many"}, UnknownHyperparameterError, "steps"),
-        ("rome", {"steps": 0}, UnknownHyperparameterError, "steps"),
-        ("rome", {"layer": 99}, UnknownHyperparameterError, "layers"),
-        ("rome", {"variant": "fancy"}, UnknownHyperparameterError, "variant"),
-        ("rome", {"layer": [1, 2]}, UnknownHyperparameterError, "layer"),
-        ("rome", {"lr": True}, UnknownHyperparameterError, "lr"),
-        ("memit", {"layers": 3}, UnknownHyperparameterError, "layers"),
-        ("memit", {"layers": [3, 1]}, UnknownHyperparameterError, "layers"),
-        ("memit", {"layers": "1,2"}, UnknownHyperparameterError, "layers"),
+        ("rome", {"steps": "many"}, InvalidValueError, "steps"),
+        ("rome", {"steps": 0}, InvalidValueError, "steps"),
+        ("rome", {"layer": 99}, LayerOutOfRangeError, "layer"),
+        ("rome", {"variant": "fancy"}, InvalidValueError, "variant"),
+        ("rome", {"layer": [1, 2]}, InvalidValueError, "layer"),
+        ("rome", {"lr": True}, InvalidValueError, "lr"),
+        ("memit", {"layers": 3}, InvalidValueError, "layers"),
+        ("memit", {"layers": [3, 1]}, InvalidValueError, "layers"),
+        ("memit", {"layers": "1,2"}, InvalidValueError, "layers"),
+        ("memit", {"layers": [1, 40]}, LayerOutOfRangeError, "layers"),
     ],
 )
 def test_bad_method_or_hyperparameters_change_nothing(editor, method, overrides, error, field):
@@ -138,5 +141,5 @@ def test_command_line_overrides_parse_json_or_text():
         "layers": [1, 2],
         "lr": 0.5,
     }
-    with pytest.raises(UnknownHyperparameterError):
+    with pytest.raises(InvalidValueError):
         parse_overrides(["steps"])

@@ -8,7 +8,7 @@ import torch
 
 from editors import EditRequest, apply_patch, revert_patch
 from editors.codebook import Codebook, codebook_of
-from editors.errors import PatchError, UnknownHyperparameterError
+from editors.errors import InvalidValueError, PatchError
 from editors.grace import GRACEHyperParams
 from editors.metrics import evaluate
 from editors.patch import Patch
@@ -93,6 +93,6 @@ def test_a_codebook_for_a_missing_or_mismatched_module_is_refused(editor):
 
 def test_bad_grace_hyperparameters_are_named():
     for overrides, field in (({"radius": 0.0}, "radius"), ({"steps": 0}, "steps")):
-        with pytest.raises(UnknownHyperparameterError) as caught:
+        with pytest.raises(InvalidValueError) as caught:
             GRACEHyperParams(**overrides)
         assert caught.value.field == field

@@ -13,7 +13,7 @@ from editors.core.keys import residual_at_subject
 from editors.core.updates import neurons_carrying
 from editors.core.values import ValueOptions, optimise_residual_targets
 from editors.datasets import counterfact_request
-from editors.errors import UnknownHyperparameterError
+from editors.errors import InvalidValueError
 from editors.nse import NSEHyperParams
 from editors.patch import FactoredDelta, Patch
 from editors.tokens import locate
@@ -234,6 +234,6 @@ def test_bad_nse_hyperparameters_are_named():
         ({"landing_target_prob": 1.0}, "landing_target_prob"),
         ({"edited_context": True, "rewind": False}, "edited_context"),
     ):
-        with pytest.raises(UnknownHyperparameterError) as caught:
+        with pytest.raises(InvalidValueError) as caught:
             NSEHyperParams(**overrides)
         assert caught.value.field == field

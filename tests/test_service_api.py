@@ -144,7 +144,7 @@ def _edit_body(method: str = "rome", hparams: dict | None = None, **fields) -> d
         ("/v1/edits", _edit_body(target_new="  "), 422, "edit.target_new"),
         ("/v1/edits", _edit_body(method="magic"), 422, "method"),
         ("/v1/edits", _edit_body(hparams={"stepz": 3}), 422, "hparams.stepz"),
-        ("/v1/edits", _edit_body(hparams={"layer": 99}), 422, "hparams.layers"),
+        ("/v1/edits", _edit_body(hparams={"layer": 99}), 422, "hparams.layer"),
         ("/v1/edits", _edit_body(hparams={"steps": 10**6}), 422, "hparams.steps"),
         ("/v1/edits", _edit_body(hparams={"prefixes": 500}), 422, "hparams.prefixes"),
         ("/v1/edits", _edit_body(hparams={"prefix_length": 10**4}), 422, "hparams.prefix_length"),
@@ -180,6 +180,30 @@ def test_bad_input_is_a_4xx_naming_the_field_and_changes_nothing(
     assert error["field"] == field and error["error"] and error["type"]
     assert tiny_api.get("/v1/model").json() == before
     assert tiny_api.get("/v1/edits").json()["total"] == jobs_before
+
+
+@pytest.mark.parametrize(
+    ("method", "hparams", "kind", "field"),
+    [
+        ("rome", {"stepz": 3}, "unknown_hyperparameter", "stepz"),
+        ("rome", {"steps": "many"}, "invalid_value", "steps"),
+        ("rome", {"lr": True}, "invalid_value", "lr"),
+        ("rome", {"steps": 0}, "invalid_value", "steps"),
+        ("rome", {"kl_factor": -1}, "invalid_value", "kl_factor"),
+        ("rome", {"steps": 10**6}, "invalid_value", "steps"),
+        ("memit", {"layers": [1] * 100}, "invalid_value", "layers"),
+        ("rome", {"variant": "fancy"}, "invalid_value", "variant"),
+        ("rome", {"layer": 99}, "layer_out_of_range", "layer"),
+        ("rome", {"layer": -1}, "layer_out_of_range", "layer"),
+        ("memit", {"layers": [2, 4]}, "layer_out_of_range", "layers"),  # the model has 0..3
+        ("grace", {"layer": 4}, "layer_out_of_range", "layer"),
+        ("ft-l", {"layers": [7]}, "layer_out_of_range", "layers"),
+    ],
+)
+def test_a_bad_hyperparameter_names_what_is_wrong_with_it(tiny_api, method, hparams, kind, field):
+    reply = tiny_api.post("/v1/edits", json=_edit_body(method, hparams))
+    assert reply.status_code == 422, reply.json()
+    assert reply.json()["type"] == kind and reply.json()["field"] == f"hparams.{field}"
 
 
 def test_unknown_routes_and_bad_json_answer_json_errors(tiny_api):

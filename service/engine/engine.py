@@ -66,7 +66,7 @@ class Engine:
     ) -> None:
         self.ledger, self.blobs, self.metrics = ledger, blobs, metrics
         self.tokenizers = TokenizerPerThread(tok)
-        log.info("copying the model for the edit workspace")
+        log.info("start-up: copying the model for the edit workspace")
         self.workspace = Workspace(deepcopy(model), self.tokenizers.copy())
         self.runner = ModelRunner(
             model,
@@ -104,6 +104,7 @@ class Engine:
         self.follow_error: str | None = None  # why the last catch-up failed (None: it did not)
         self._stats_args = (stats_dir, stats_corpus, stats_samples)
         self._precompute_statistics = precompute_statistics
+        self._logged_progress = ("", 0)  # the stage and tenth of the last progress logged
 
     # -- what the routes read -----------------------------------------------------------------
 
@@ -191,6 +192,11 @@ class Engine:
 
     def _report(self, fraction: float, stage: str) -> None:
         self.state.stage = f"statistics: {stage} ({100 * fraction:.0f} %)"
+        tenth = min(10, int(fraction * 10))
+        last_stage, last_tenth = self._logged_progress
+        if stage != last_stage or tenth > last_tenth:  # the log gets every 10 %
+            self._logged_progress = (stage, tenth)
+            log.info("start-up: %s, %s %%", stage, 10 * tenth)
 
     def close(self) -> None:
         self.runner.close()
