@@ -1,7 +1,7 @@
 """Rollback, the ledger head query and start-up replay on an N-version ledger; prints JSON
 figures.
 
-    python bench/bench_ledger.py --versions 200 --out bench/results/ledger-200.json
+    python -m bench.bench_ledger --versions 200 --out bench/results/ledger-200.json
 
 The ledger is built through the engine's own commit path (patch blob, weight checksum,
 version row) from ROME-shaped rank-one patches with random factors on the layer ROME edits

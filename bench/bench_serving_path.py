@@ -60,7 +60,7 @@ def _generate(client: httpx.Client, index: int, tokens: int = 8) -> float:
     return time.perf_counter() - started
 
 
-def _wait(client: httpx.Client, job_id: int, poll: float = 0.01) -> dict:
+def _wait(client: httpx.Client, job_id: int, poll: float = 0.05) -> dict:
     while True:
         job = client.get(f"/v1/jobs/{job_id}").json()
         if job["finished_at"] is not None:
@@ -96,7 +96,7 @@ def during_memit(client: httpx.Client, cases: list[EditRequest], idle_requests: 
 
 
 def served_rome(client: httpx.Client, cases: list[EditRequest]) -> dict:
-    served, bare = [], []
+    served, bare, guard = [], [], []
     for case in cases:
         started = time.perf_counter()
         reply = client.post("/v1/edits", json=_edit_body(case, "rome"))
@@ -104,11 +104,14 @@ def served_rome(client: httpx.Client, cases: list[EditRequest]) -> dict:
         job = _wait(client, reply.json()["job_id"])
         served.append(time.perf_counter() - started)
         edit = client.get(f"/v1/edits/{job['edit_ids'][0]}").json()
-        bare.append(float((edit["diagnostics"] or {}).get("seconds", {}).get("total", "nan")))
+        diagnostics = edit["diagnostics"] or {}
+        bare.append(float(diagnostics.get("seconds", {}).get("total", "nan")))
+        guard.append(float((diagnostics.get("guard") or {}).get("seconds", 0.0)))
     return {
         "edits": len(cases),
         "served_seconds": _summary(served) | {"median": round(statistics.median(served), 3)},
         "bare_seconds": _summary(bare) | {"median": round(statistics.median(bare), 3)},
+        "guard_seconds": _summary(guard) | {"median": round(statistics.median(guard), 3)},
         "median_ratio": round(statistics.median(served) / statistics.median(bare), 2),
         "floor": "served (POST to applied, guard included) <= 1.5x bare, medians",
     }
@@ -151,6 +154,7 @@ def load_phase(url: str, clients: int, seconds: float, edits: list[EditRequest] 
 
 
 LOAD_EDIT_EVERY = 5.0
+PHASES = ("memit", "rome", "load")
 
 
 def main() -> None:
@@ -163,6 +167,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--edit-every", type=float, default=5.0)
+    parser.add_argument(
+        "--phases", nargs="+", choices=PHASES, default=list(PHASES), help="what to measure"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     LOAD_EDIT_EVERY = args.edit_every
@@ -176,15 +183,18 @@ def main() -> None:
             _generate(client, index)
         warm = client.post("/v1/edits", json=_edit_body(cases[120], "rome")).json()
         _wait(client, warm["job_id"])  # statistics and prefixes, once
-        result["memit_batch"] = during_memit(client, memit_cases, args.idle_requests)
-        result["served_rome"] = served_rome(client, rome_cases)
-        result["load"] = {
-            "clients": args.clients,
-            "seconds": args.seconds,
-            "edit_every": args.edit_every,
-            "idle": load_phase(url, args.clients, args.seconds, None),
-            "with_edits": load_phase(url, args.clients, args.seconds, load_cases),
-        }
+        if "memit" in args.phases:
+            result["memit_batch"] = during_memit(client, memit_cases, args.idle_requests)
+        if "rome" in args.phases:
+            result["served_rome"] = served_rome(client, rome_cases)
+        if "load" in args.phases:
+            result["load"] = {
+                "clients": args.clients,
+                "seconds": args.seconds,
+                "edit_every": args.edit_every,
+                "idle": load_phase(url, args.clients, args.seconds, None),
+                "with_edits": load_phase(url, args.clients, args.seconds, load_cases),
+            }
     result["provenance"] = provenance()
     text = json.dumps(result, indent=2)
     print(text)

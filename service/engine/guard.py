@@ -41,6 +41,10 @@ CANARIES: tuple[tuple[str, str], ...] = (
     ("Ice is frozen", "water"),
 )
 FLUENCY_PROMPTS = ("The history of the city", "In the morning, she", "Scientists have found")
+# A decoding step costs a read of every weight whatever the batch, so the continuations'
+# length is most of the guard's time: 8 tokens show a model that has started to repeat
+# itself, at half the cost of 16.
+FLUENCY_TOKENS = 8
 
 
 T = TypeVar("T")
@@ -108,7 +112,7 @@ class EditGuard:
             perplexity(self.model, self.tok, PROBE_TEXT),
             canaries.predicted,
             canaries.nll,
-            fluency(self.model, self.tok, list(FLUENCY_PROMPTS), max_new_tokens=16),
+            fluency(self.model, self.tok, list(FLUENCY_PROMPTS), max_new_tokens=FLUENCY_TOKENS),
         )
 
     def check(
