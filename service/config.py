@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     auth: Literal["keys", "open"] = Field(
         "keys", description="keys: every model route needs an API key; open: no keys (local use)"
     )
+    console_session_hours: float = Field(
+        12.0, gt=0, description="a web console sign-in lasts this long"
+    )
     rate_limit_per_minute: int = Field(600, ge=0, description="requests per key; 0: no limit")
     max_body_bytes: int = Field(1_000_000, gt=0)
     max_queue_depth: int = Field(1000, gt=0, description="unfinished jobs before 429")

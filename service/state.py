@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from sqlalchemy import Engine as DbEngine
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,6 +29,7 @@ from .ledger.store import Ledger
 from .observability import ServiceMetrics
 from .queue import JobQueue, QueueUnavailableError, make_queue
 from .queue.notices import VersionNotices
+from .sessions import SessionStore
 from .worker import EditWorker
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class ServiceState:
     blobs: BlobStore
     queue: JobQueue
     keys: KeyStore
+    console_sessions: SessionStore
     limiter: RateLimiter
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     engine: Engine | None = None
@@ -63,6 +66,7 @@ class ServiceState:
             url, settings.db_connect_timeout_seconds, settings.db_statement_timeout_seconds
         )
         sessions = session_factory(db)
+        keys = KeyStore(sessions)
         notices = (
             VersionNotices(settings.redis_url, f"{settings.queue_name}:versions")
             if settings.redis_url
@@ -74,7 +78,10 @@ class ServiceState:
             ledger=Ledger(sessions, model=settings.model),
             blobs=_blob_store(settings, sessions),
             queue=make_queue(settings.redis_url, settings.worker_name, settings.queue_name),
-            keys=KeyStore(sessions),
+            keys=keys,
+            console_sessions=SessionStore(
+                sessions, keys, timedelta(hours=settings.console_session_hours)
+            ),
             limiter=RateLimiter(settings.rate_limit_per_minute),
             notices=notices,
             identity=process_identity(settings.worker_name),

@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..auth import ADMIN_KEY_FILE, write_private
 from ..config import Settings
+from ..console.routes import install_console
 from ..observability import new_request_id, request_id
 from ..state import ServiceState
 from .docs import install_docs
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routes = (health, edits, jobs, model, methods, generate, evaluate, evaluations, openai)
     for module in routes:
         app.include_router(module.router)
+    install_console(app)
 
     @app.get("/metrics", include_in_schema=False)
     def metrics(request: Request) -> Response:

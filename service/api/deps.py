@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
 
 from ..auth import OPEN_ACCESS, Principal
 from ..engine.engine import Engine
+from ..sessions import COOKIE_NAME, CSRF_HEADER
 from ..state import ServiceState
 from .errors import ApiError
 
@@ -30,11 +33,26 @@ StateDep = Annotated[ServiceState, Depends(get_state)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def authenticated(request: Request, state: StateDep) -> Principal:
-    """The caller's key (Bearer token); in open mode everyone may do everything."""
+    """The caller's key: a Bearer token, or a web console session cookie (which, to change
+    anything, also needs its CSRF header and a same-origin Origin). In open mode everyone
+    may do everything."""
     if state.settings.auth == "open":
         return OPEN_ACCESS
     header = request.headers.get("authorization", "")
+    cookie = request.cookies.get(COOKIE_NAME)
+    if not header and cookie:
+        principal = _console_principal(request, state, cookie)
+    else:
+        principal = _bearer_principal(header, state)
+    state.limiter.check(principal.key_id)
+    return principal
+
+
+def _bearer_principal(header: str, state: ServiceState) -> Principal:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(
@@ -51,8 +69,32 @@ def authenticated(request: Request, state: StateDep) -> Principal:
             "unauthorized",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    state.limiter.check(principal.key_id)
     return principal
+
+
+def _console_principal(request: Request, state: ServiceState, cookie: str) -> Principal:
+    signed_in = state.console_sessions.lookup(cookie)
+    if signed_in is None:
+        raise ApiError(401, "the console session has ended: sign in again", "unauthorized")
+    if request.method not in SAFE_METHODS:
+        check_same_origin(request)
+        presented = request.headers.get(CSRF_HEADER, "")
+        if not hmac.compare_digest(presented, signed_in.csrf_token):
+            raise ApiError(
+                403, f"missing or wrong {CSRF_HEADER} header for a console session", "csrf"
+            )
+    return signed_in.principal
+
+
+def check_same_origin(request: Request) -> None:
+    """Refuse a request a page of another origin sent (browsers always send Origin on a
+    cross-origin POST); SameSite=Strict already keeps the cookie off such requests."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return
+    host = request.headers.get("host", "")
+    if urlsplit(origin).netloc != host:
+        raise ApiError(403, f"cross-origin request from {origin} refused", "csrf")
 
 
 def require(scope: str) -> Callable[..., Principal]:

@@ -175,6 +175,13 @@ class GenerateIn(BaseModel):
 
     inputs: str | list[str] = Field(examples=["The mother tongue of Danielle Darrieux is"])
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
+    version: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_ID,
+        description="answer from this recorded version instead of the served one (computed "
+        "on the edit workspace, so it waits while an edit is being computed)",
+    )
 
 
 class GenerateOut(BaseModel):

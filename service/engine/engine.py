@@ -82,6 +82,7 @@ class Engine:
         self._served = threading.Condition()
         self.workspace.version = lambda: self.work_replayer.version
         self.workspace.catch_up = self._catch_up_workspace
+        self.workspace.move_to = self.work_replayer.move_to
         self.guard = (
             EditGuard(self.workspace.model, self.workspace.tok, guard, self.workspace.on_base)
             if guard is not None and guard.enabled
@@ -272,6 +273,12 @@ class Engine:
 
     async def generate(self, request: GenerationRequest) -> GenerationOutput:
         return await self.runner.generate(request)
+
+    async def generate_at(
+        self, number: int, requests: list[GenerationRequest]
+    ) -> list[GenerationOutput]:
+        """Text from recorded version `number`, computed on the workspace (not served)."""
+        return await self.workspace.generate_at(number, requests)
 
     def run_job(self, job_id: int, fence: int | None = None) -> None:
         self.jobs.run_job(job_id, fence)

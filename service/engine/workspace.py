@@ -27,6 +27,7 @@ from editors.stats import Statistics
 from editors.weight_state import WeightState
 
 from ..requests import request_from_record
+from .generation import GenerationOutput, GenerationRequest, generate_batch
 from .lane import ModelLane
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Workspace:
         self.weights = WeightState(model)
         self.version: Callable[[], int] = lambda: -1  # set by the engine
         self.catch_up: Callable[[], None] = lambda: None  # to the ledger head, on the lane
+        self.move_to: Callable[[int], object] = lambda number: None  # any version, on the lane
         self._editor: Editor | None = None
         self._prefixes_on_base: dict[tuple[int, int, int], list[str]] = {}
 
@@ -127,6 +129,24 @@ class Workspace:
             return Editor(copy, deepcopy(self.tok), editor.stats, editor.spec)
 
         return self.lane.call(on_lane)
+
+    async def generate_at(
+        self, number: int, requests: list[GenerationRequest]
+    ) -> list[GenerationOutput]:
+        """Text from version `number` (any recorded one, not only the served): the workspace
+        moves there, generates, and returns to the head."""
+
+        def on_lane() -> list[GenerationOutput]:
+            try:
+                self.move_to(number)
+                outputs = generate_batch(self.model, self.tok, requests)
+            finally:
+                self.catch_up()
+            for output in outputs:
+                output.version = number
+            return outputs
+
+        return await self.lane.run(on_lane)
 
     async def evaluate(
         self, requests: list[EditRequest], baseline: bool

@@ -160,6 +160,18 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class ConsoleSession(Base):
+    """A signed-in web console: the cookie's token is stored only as its sha256. The session
+    acts with its key's scopes and ends when the key is revoked or `expires_at` passes."""
+
+    __tablename__ = "console_sessions"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 class Lineage(Base):
     """The one row that makes the ledger a single chain with a single writer.
 

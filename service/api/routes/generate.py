@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ...engine.engine import Engine
 from ...engine.generation import GenerationRequest, SamplingParams
 from ...state import ServiceState
 from ..deps import EngineDep, StateDep, require
-from ..errors import bad_input
+from ..errors import bad_input, not_found
 from ..schemas import GenerateIn, GenerateOut, GenerateParameters
 
 router = APIRouter(prefix="/v1", tags=["generate"], dependencies=[Depends(require("generate"))])
@@ -57,6 +58,12 @@ def _prompts(body: GenerateIn, engine: Engine, state: ServiceState) -> list[str]
     return prompts
 
 
+def _check_version(number: int, state: ServiceState) -> None:
+    if state.ledger.version(number) is None:
+        head = state.ledger.head().number
+        raise not_found(f"version {number} does not exist (the head is {head})", "version")
+
+
 @router.post("/generate", response_model=GenerateOut | list[GenerateOut])
 async def generate(
     body: GenerateIn, state: StateDep, engine: EngineDep, response: Response
@@ -64,9 +71,14 @@ async def generate(
     """One prompt gives one result; a list gives a list. Concurrent calls share batches."""
     params = _sampling(body.parameters, state)
     prompts = _prompts(body, engine, state)
-    outputs = await asyncio.gather(
-        *(engine.generate(GenerationRequest(p, params)) for p in prompts)
-    )
+    if body.version is not None and body.version != engine.version:
+        await run_in_threadpool(_check_version, body.version, state)
+        requests = [GenerationRequest(p, params) for p in prompts]
+        outputs = await engine.generate_at(body.version, requests)
+    else:
+        outputs = await asyncio.gather(
+            *(engine.generate(GenerationRequest(p, params)) for p in prompts)
+        )
     results = [
         GenerateOut(
             generated_text=o.text,
@@ -89,6 +101,8 @@ async def generate_stream(
     """Server-sent events, one per piece of text, then one with the whole text."""
     if not isinstance(body.inputs, str):
         raise bad_input("streaming takes one prompt", "inputs")
+    if body.version is not None and body.version != engine.version:
+        raise bad_input("streaming answers from the served version only", "version")
     params = _sampling(body.parameters, state)
     (prompt,) = _prompts(body, engine, state)
     loop = asyncio.get_running_loop()
