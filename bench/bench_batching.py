@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.provenance import provenance
+from bench.provenance import write_report
 from editors.models import load_model
 from service.engine.batcher import GenerationBatcher
 from service.engine.generation import (
@@ -206,12 +206,8 @@ def main() -> None:
         "runs": runs,
         "tokens_per_s_speedup": speedups,
         "total_seconds": round(time.perf_counter() - started, 1),
-        "provenance": provenance(),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from ready_editor import ready_editor
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.ready_editor import ready_editor
 from editors import apply_patch, revert_patch
 from editors.datasets import load_counterfact
 from editors.hparams import parse_overrides

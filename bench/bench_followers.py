@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import psycopg
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.provenance import ROOT, provenance
 from service.config import Settings
 

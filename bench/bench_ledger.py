@@ -12,9 +12,9 @@ patches and never recompute an edit, so the patch contents do not change these t
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.provenance import provenance
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.provenance import write_report
 from editors.model_spec import num_layers
 from editors.patch import FactoredDelta, Patch
 from service.config import Settings
@@ -109,12 +110,8 @@ def main() -> None:
             "total": sum(replay.values()),
         },
         "first_boot_seconds": round(time.perf_counter() - began, 1),
-        "provenance": provenance(),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Starts `editserve serve` (bench/serving.py: open mode, fresh SQLite ledger, the 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import threading
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.provenance import ROOT, provenance
+from bench.provenance import ROOT, write_report
 from bench.serving import running_server
 from editors.datasets import load_counterfact
 from editors.requests import EditRequest
@@ -195,11 +194,7 @@ def main() -> None:
                 "idle": load_phase(url, args.clients, args.seconds, None),
                 "with_edits": load_phase(url, args.clients, args.seconds, load_cases),
             }
-    result["provenance"] = provenance()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import resource
 import sys
 import time
@@ -26,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.provenance import ROOT, provenance
+from bench.provenance import ROOT, write_report
 from editors.editor import Editor, corpus_statistics
 from editors.models import load_model, prepare
 from editors.requests import EditRequest
@@ -184,12 +183,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "models": results,
         "total_seconds": round(time.perf_counter() - started, 1),
-        "provenance": provenance(),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """What every bench JSON records beside its figures: the command, the commit, the date and
-the machine, so a figure can be traced to the code and hardware that produced it."""
+the machine, so a figure can be traced to the code and hardware that produced it; and
+`write_report`, the way a bench script hands its figures over."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -34,3 +36,13 @@ def provenance() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         },
     }
+
+
+def write_report(report: dict[str, Any], out: Path | None) -> None:
+    """`report` with its provenance added: printed as JSON and, when `out` is given, written
+    there (with a trailing newline, its folder created if missing)."""
+    text = json.dumps({**report, "provenance": provenance()}, indent=2)
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")

@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 
 import torch
-from ready_editor import ready_editor
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.ready_editor import ready_editor
 from editors import apply_patch
 from editors.core.answers import target_probabilities
 from editors.datasets import load_counterfact

@@ -1,10 +1,11 @@
-"""Tokenisation helpers: where the subject sits in a prompt, and prompt/answer id pairs."""
+"""Tokenisation helpers: where the subject sits in a prompt, prompt/answer id pairs, and the
+tokens that end a generated sequence."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import SubjectNotLocatedError
 
@@ -60,3 +61,15 @@ def locate(
     text = prefix + head + subject + tail
     ids, lookup = subject_last_token(tok, text, start, start + len(subject))
     return PromptIds(ids, lookup, encode_answer(tok, answer) if answer is not None else [])
+
+
+def eos_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
+    """Every token that ends a sequence: the tokenizer's eos and the generation config's (chat
+    models often list several)."""
+    eos: set[int] = set()
+    for source in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            eos.add(source)
+        elif isinstance(source, list):
+            eos.update(source)
+    return eos

@@ -5,8 +5,8 @@ its own temperature, top-k, top-p, seed, token budget and stop strings, and may 
 text as it grows. Rows that finish early stop emitting while the batch completes.
 
 `generate_batch` is the static form (one batch, start to end); scheduler.py's `ServingLoop`
-shares the per-row helpers here (`_Row`, `_pick`, `_advance`, `eos_ids`, `left_pad`) to let
-rows join and leave a running batch.
+shares the per-row helpers here (`_Row`, `_pick`, `_advance`, `left_pad`) to let rows join
+and leave a running batch; both end a row on `editors.tokens.eos_ids`.
 
 Log-probabilities are those of the raw model distribution (log-softmax of the logits, before
 temperature, top-k or top-p), as vLLM reports by default; they are computed only for rows
@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from editors.tokens import eos_ids
 
 
 @dataclass(frozen=True)
@@ -164,18 +166,6 @@ def _advance(
     if row.request.on_text and len(ready) > row.sent:
         row.request.on_text(ready[row.sent :])
         row.sent = len(ready)
-
-
-def eos_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
-    """Every token that ends a row: the tokenizer's eos and the generation config's (chat
-    models often list several)."""
-    eos: set[int] = set()
-    for source in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            eos.add(source)
-        elif isinstance(source, list):
-            eos.update(source)
-    return eos
 
 
 def left_pad(

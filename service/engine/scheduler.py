@@ -58,6 +58,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
+from editors.tokens import eos_ids
+
 from .generation import (
     GenerationOutput,
     GenerationRequest,
@@ -65,7 +67,6 @@ from .generation import (
     _pick,
     _Row,
     encode,
-    eos_ids,
     left_pad,
     token_logprobs,
 )
