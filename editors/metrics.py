@@ -9,6 +9,12 @@ CounterFact family (probability comparisons, mean token NLL per answer):
   efficacy        NLL(new) < NLL(true) on the edit prompt          (ES, magnitude P(new)-P(true))
   paraphrase      the same on the paraphrases                      (PS)
   neighborhood    NLL(true) < NLL(new) on the locality prompts     (NS)
+Free generation (greedy decoding, judged by free_generation.states_answer):
+  free_rewrite      the continuation of the edit prompt states the new target
+  free_paraphrase   the same from the paraphrases
+  free_locality     a locality prompt's continuation gives the answer it gave before the edit
+                    (without a reference: states the stated answer)
+  free_portability  the continuation states the portability answer
 Fluency: ROME's weighted 2/3-gram entropy of greedy generations; perplexity of fixed text.
 MQuAKE multi-hop accuracy: any of a case's questions answered with the new answer.
 """
@@ -24,8 +30,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .core.keys import pad_id_of, right_padded
+from .free_generation import answer_budget, continuations, gives_same_answer, states_answer
 from .requests import EditRequest, with_leading_space
-from .tokens import encode_answer, encode_prompt
+from .tokens import encode_answer, encode_prompt, eos_ids
 
 Pair = tuple[str, str]  # (prompt text, answer)
 
@@ -103,13 +110,36 @@ def _plan(requests: list[EditRequest]) -> _Plan:
     return plan
 
 
+@dataclass(frozen=True)
+class LocalityReference:
+    """How the model answered one request's locality prompts before the edit: the argmax
+    tokens at each stated answer's positions, and its own greedy continuations."""
+
+    predicted: list[list[int]]
+    continuations: list[str]
+
+
 def locality_reference(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[EditRequest]
-) -> list[list[list[int]]]:
-    """Predicted answer tokens of each request's locality prompts (take it before editing)."""
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    free_generation: bool = True,
+) -> list[LocalityReference]:
+    """Each request's locality answers as the model gives them now (take it before editing)."""
     pairs = [pair for r in requests for pair in r.locality]  # only these need scoring
     predicted = iter(score_pairs(model, tok, pairs).predicted if pairs else [])
-    return [[next(predicted) for _ in r.locality] for r in requests]
+    texts = iter(
+        continuations(model, tok, [p for p, _ in pairs], [answer_budget(tok, a) for _, a in pairs])
+        if pairs and free_generation
+        else []
+    )
+    return [
+        LocalityReference(
+            [next(predicted) for _ in r.locality],
+            [next(texts) for _ in r.locality] if free_generation else [],
+        )
+        for r in requests
+    ]
 
 
 METRICS = (
@@ -122,6 +152,10 @@ METRICS = (
     "paraphrase",
     "neighborhood",
     "neighborhood_magnitude",
+    "free_rewrite",
+    "free_paraphrase",
+    "free_locality",
+    "free_portability",
 )
 
 CaseMetrics = dict[str, float | None]
@@ -143,15 +177,30 @@ def evaluate_cases(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     requests: list[EditRequest],
-    reference: list[list[list[int]]] | None = None,
+    reference: list[LocalityReference] | None = None,
+    free_generation: bool = True,
 ) -> list[CaseMetrics]:
     """The metrics of each request (each the mean over its prompts; None where it has no
-    data for a metric), all requests scored in one batched pass.
+    data for a metric), all requests scored in one batched pass (and, with
+    `free_generation`, their prompts decoded greedily in batches).
 
     `reference` (from `locality_reference` before the edit) makes locality the EasyEdit
     agreement with the pre-edit predictions; without it locality is accuracy on the stated
     answers.
     """
+    cases = _teacher_forced(model, tok, requests, reference)
+    if free_generation:
+        for case, figures in zip(cases, _free(model, tok, requests, reference), strict=True):
+            case.update(figures)
+    return cases
+
+
+def _teacher_forced(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    reference: list[LocalityReference] | None,
+) -> list[CaseMetrics]:
     plan = _plan(requests)
     if not plan.pairs:
         return [dict.fromkeys(METRICS) for _ in requests]
@@ -171,7 +220,7 @@ def evaluate_cases(
             if reference is None:
                 out["locality"].append(s.accuracy(j))
             else:
-                before = reference[i][k]
+                before = reference[i].predicted[k]
                 same = sum(a == b for a, b in zip(s.predicted[j], before, strict=True))
                 out["locality"].append(same / len(before))
         for new, true in zip(per("rewrite:new", i), per("rewrite:true", i), strict=False):
@@ -186,16 +235,51 @@ def evaluate_cases(
     return cases
 
 
+def _free(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    reference: list[LocalityReference] | None,
+) -> list[CaseMetrics]:
+    """Free-generation success of each request: every prompt decoded greedily for its
+    answer's length plus a little, then judged (free_generation.py)."""
+    # (request, metric, prompt, answer, the continuation before the edit, if a reference)
+    asks: list[tuple[int, str, str, str, str | None]] = []
+    for i, r in enumerate(requests):
+        asks.append((i, "free_rewrite", r.text, r.target_new, None))
+        asks += [(i, "free_paraphrase", p, r.target_new, None) for p in r.paraphrases]
+        asks += [(i, "free_portability", p, a, None) for p, a in r.portability]
+        for k, (prompt, answer) in enumerate(r.locality):
+            before = (
+                reference[i].continuations[k] if reference and reference[i].continuations else None
+            )
+            asks.append((i, "free_locality", prompt, answer, before))
+    texts = continuations(
+        model, tok, [a[2] for a in asks], [answer_budget(tok, a[3]) for a in asks]
+    )
+    hits: list[dict[str, list[float]]] = [{} for _ in requests]
+    for (i, metric, _, answer, before), text in zip(asks, texts, strict=True):
+        ok = (
+            gives_same_answer(before, text, answer)
+            if before is not None
+            else states_answer(text, answer)
+        )
+        hits[i].setdefault(metric, []).append(float(ok))
+    names = ("free_rewrite", "free_paraphrase", "free_locality", "free_portability")
+    return [{name: _mean(h.get(name, [])) for name in names} for h in hits]
+
+
 def evaluate(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     requests: list[EditRequest],
-    reference: list[list[list[int]]] | None = None,
+    reference: list[LocalityReference] | None = None,
+    free_generation: bool = True,
 ) -> CaseMetrics:
     """Mean metrics over `requests` (each request weighs the same, as in EasyEdit)."""
     if not requests:
         return {}
-    return mean_metrics(evaluate_cases(model, tok, requests, reference))
+    return mean_metrics(evaluate_cases(model, tok, requests, reference, free_generation))
 
 
 @torch.no_grad()
@@ -280,7 +364,7 @@ def greedy_continuations(
     width = max(len(r) for r in rows)
     step = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    eos = _eos_ids(model, tok)
+    eos = eos_ids(model, tok)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else None
     cache = None
     tokens: list[list[int]] = [[] for _ in rows]
@@ -303,13 +387,3 @@ def greedy_continuations(
         step = chosen[:, None]
         mask = torch.cat([mask, torch.ones_like(step)], dim=1)
     return tokens
-
-
-def _eos_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> set[int]:
-    eos: set[int] = set()
-    for source in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(source, int):
-            eos.add(source)
-        elif isinstance(source, list):
-            eos.update(source)
-    return eos

@@ -16,6 +16,7 @@ from ..editor import Editor
 from ..errors import EditError
 from ..metrics import (
     CaseMetrics,
+    LocalityReference,
     evaluate_cases,
     fluency,
     locality_reference,
@@ -59,7 +60,7 @@ class Evaluation:
         self.rows: list[EvaluationRow] = []
         self.seconds = {"baseline": 0.0, "editing": 0.0, "scoring": 0.0}
         self.edits_done = 0
-        self._reference: list[list[list[int]]] = []
+        self._reference: list[list[LocalityReference]] = []
         self._base: list[CaseMetrics] = []
         self._after: dict[int, CaseMetrics] = {}
         # patches go on as they would in the service (fp32 masters), and come off exactly
@@ -73,13 +74,14 @@ class Evaluation:
     def _case_metrics(self, indices: list[int]) -> list[CaseMetrics]:
         """Per-case metrics of the model as it is now, all cases in one batched pass."""
         flat: list[EditRequest] = []
-        reference: list[list[list[int]]] = []
+        reference: list[LocalityReference] = []
         spans: list[tuple[int, int]] = []  # each case's requests: flat[start:end]
         for i in indices:
             start = len(flat)
             for k, request in enumerate(requests_of(self.cases[i])):
                 flat.append(request)
-                reference.append(self._reference[i][k] if self._reference else [])
+                if self._reference:
+                    reference.append(self._reference[i][k])
             spans.append((start, len(flat)))
         per_request = evaluate_cases(
             self.model, self.tok, flat, reference if self._reference else None

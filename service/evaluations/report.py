@@ -27,6 +27,10 @@ RATES = (
     "generalization",
     "locality",
     "portability",
+    "free_rewrite",
+    "free_paraphrase",
+    "free_locality",
+    "free_portability",
     "multi_hop",
 )
 HEALTH = ("perplexity", "fluency")
