@@ -28,9 +28,7 @@ from editors.requests import EditRequest
         (" anything", "", False),
     ],
 )
-def test_a_continuation_states_the_answer_only_when_it_begins_with_it(
-    continuation, answer, stated
-):
+def test_a_continuation_states_the_answer_only_when_it_begins_with_it(continuation, answer, stated):
     assert states_answer(continuation, answer) is stated
 
 
