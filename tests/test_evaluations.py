@@ -75,6 +75,16 @@ def test_sequential_evaluation_job_on_postgres(tiny_settings):
         assert report.headers["content-type"].startswith("text/html")
         assert "<svg" in report.text and "Checkpoints" in report.text and "rome" in report.text
         assert "did not complete" not in report.text
+        cases = [r for r in rows if r["kind"] == "case"]
+        for case in cases:  # each case's own words, before and after its edit
+            answers = case["answers"]
+            assert set(answers) == {"subject", "prompt", "target_new", "before", "after"}
+            assert answers["subject"] in answers["prompt"] and answers["target_new"]
+        assert "answer before" in report.text
+        csv_cases = [line for line in table if line["kind"] == "case"]
+        assert [line["answer_after"] for line in csv_cases] == [
+            c["answers"]["after"] for c in cases
+        ]
 
         listed = client.get("/v1/evaluations").json()
         assert [e["id"] for e in listed] == [job_id]

@@ -75,6 +75,8 @@ class EvaluationRow:
     baseline: dict[str, float | None] | None = None
     case_id: str | None = None
     error: str | None = None
+    # case rows: subject, prompt, target_new and the model's greedy answer before and after
+    answers: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

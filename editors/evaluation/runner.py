@@ -14,6 +14,7 @@ from typing import Any
 from ..datasets import MultiHopCase
 from ..editor import Editor
 from ..errors import EditError
+from ..free_generation import answer_budget, continuations
 from ..metrics import (
     CaseMetrics,
     LocalityReference,
@@ -63,6 +64,7 @@ class Evaluation:
         self._reference: list[list[LocalityReference]] = []
         self._base: list[CaseMetrics] = []
         self._after: dict[int, CaseMetrics] = {}
+        self._answers_before: list[str] = []  # each case's greedy answer, unedited
         # patches go on as they would in the service (fp32 masters), and come off exactly
         self._weights = WeightState(self.model)
         self._history: list[Patch] = []  # patches in effect, oldest first (sequential)
@@ -102,6 +104,22 @@ class Evaluation:
             for k, i in enumerate(hops):
                 per_case[position[i]].update(multi_hop=new[k], multi_hop_original=old[k])
         return per_case
+
+    def _answers(self, indices: list[int]) -> list[str]:
+        """Each case's greedy answer to its (first) edit prompt, as the model is now."""
+        firsts = [requests_of(self.cases[i])[0] for i in indices]
+        budgets = [answer_budget(self.tok, r.target_new) for r in firsts]
+        return continuations(self.model, self.tok, [r.text for r in firsts], budgets)
+
+    def _answer_texts(self, index: int, after: str) -> dict[str, str]:
+        request = requests_of(self.cases[index])[0]
+        return {
+            "subject": request.subject,
+            "prompt": request.text,
+            "target_new": request.target_new,
+            "before": self._answers_before[index],
+            "after": after,
+        }
 
     def _model_metrics(self, prompts: list[str]) -> CaseMetrics:
         """Whole-model health: probe perplexity, and n-gram entropy of generations."""
@@ -152,6 +170,7 @@ class Evaluation:
         reference = iter(locality_reference(self.model, self.tok, [r for rs in flat for r in rs]))
         self._reference = [[next(reference) for _ in rs] for rs in flat]
         self._base = self._case_metrics(every)
+        self._answers_before = self._answers(every)
         metrics = {**mean_metrics(self._base), **self._model_metrics(self._fluency_prompts)}
         self._base_model = metrics
         self._emit(EvaluationRow("baseline", 0, metrics))
@@ -211,6 +230,7 @@ class Evaluation:
             began = time.perf_counter()
             try:
                 scores = self._case_metrics(group)
+                answers = self._answers(group)
                 prompts = [
                     requests_of(self.cases[i])[0].text for i in group[: self.plan.fluency_prompts]
                 ]
@@ -219,7 +239,7 @@ class Evaluation:
                 self._weights.reset_to(undo)
                 self.seconds["scoring"] += time.perf_counter() - began
             self.edits_done += len(group)
-            for i, metrics in zip(group, scores, strict=True):
+            for i, metrics, answer in zip(group, scores, answers, strict=True):
                 metrics = {**metrics, **health}
                 self._after[i] = metrics
                 self._emit(
@@ -229,6 +249,7 @@ class Evaluation:
                         metrics,
                         self._base_of([i]),
                         _case_id(self.cases[i], i),
+                        answers=self._answer_texts(i, answer),
                     )
                 )
             if self._checkpoint_due(len(group)) and number < len(groups) - 1:
@@ -254,12 +275,18 @@ class Evaluation:
         began = time.perf_counter()
         scores = self._case_metrics(edited)
         health = self._model_metrics(self._fluency_prompts)
+        answers = self._answers(edited) if final else [""] * len(edited)
         self.seconds["scoring"] += time.perf_counter() - began
-        for i, metrics in zip(edited, scores, strict=True):
+        for i, metrics, answer in zip(edited, scores, answers, strict=True):
             self._after[i] = metrics
             if final:
                 row = EvaluationRow(
-                    "case", self.edits_done, metrics, self._base_of([i]), _case_id(self.cases[i], i)
+                    "case",
+                    self.edits_done,
+                    metrics,
+                    self._base_of([i]),
+                    _case_id(self.cases[i], i),
+                    answers=self._answer_texts(i, answer),
                 )
                 self._emit(row)
         self._emit(self._aggregate("final" if final else "checkpoint", edited, health))

@@ -53,6 +53,7 @@ def row_of(record: Any) -> EvaluationRow:
         record.baseline,
         record.case_id,
         record.error,
+        record.answers,
     )
 
 

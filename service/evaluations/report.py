@@ -10,6 +10,7 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from matplotlib.figure import Figure  # the object API: no global pyplot state, thread-safe
+from matplotlib.ticker import MaxNLocator
 
 from editors.evaluation import EvaluationRow
 
@@ -42,16 +43,33 @@ def metric_names(rows: Sequence[EvaluationRow]) -> list[str]:
     return known + sorted(set(names) - set(known))
 
 
+ANSWER_COLUMNS = ("subject", "prompt", "target_new", "before", "after")
+
+
 def to_csv(rows: Sequence[EvaluationRow]) -> str:
-    """kind, edits_done, case_id, error, then each metric and its baseline_ twin."""
+    """kind, edits_done, case_id, error, each metric and its baseline_ twin, then (for case
+    rows) the subject, prompt, target and the model's answer before and after."""
     names = metric_names(rows)
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(
-        ["kind", "edits_done", "case_id", "error", *names, *(f"baseline_{n}" for n in names)]
+        [
+            "kind",
+            "edits_done",
+            "case_id",
+            "error",
+            *names,
+            *(f"baseline_{n}" for n in names),
+            "subject",
+            "prompt",
+            "target_new",
+            "answer_before",
+            "answer_after",
+        ]
     )
     for row in rows:
         base = row.baseline or {}
+        answers = row.answers or {}
         writer.writerow(
             [
                 row.kind,
@@ -60,6 +78,7 @@ def to_csv(rows: Sequence[EvaluationRow]) -> str:
                 row.error or "",
                 *(_cell(row.metrics.get(n)) for n in names),
                 *(_cell(base.get(n)) for n in names),
+                *(answers.get(column, "") for column in ANSWER_COLUMNS),
             ]
         )
     return out.getvalue()
@@ -69,11 +88,14 @@ def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.6g}"
 
 
-def _series(rows: Sequence[EvaluationRow], names: Sequence[str]) -> dict[str, list[Any]]:
-    """Each metric over edits_done, from the checkpoint and final rows (the curve of a
-    sequential run) or, for isolated runs, the running mean of the case rows."""
+def _series(
+    rows: Sequence[EvaluationRow], names: Sequence[str], isolated: bool
+) -> dict[str, list[Any]]:
+    """Each metric over the run: for a sequential run, over the edits applied (its checkpoint
+    and final rows); for isolated runs (single, batch), where every case is edited alone
+    from the unedited model, the running mean over the cases measured so far."""
     points = [r for r in rows if r.kind in ("checkpoint", "final")]
-    if len(points) < 2:
+    if isolated or len(points) < 2:
         cases = [r for r in rows if r.kind == "case" and not r.error]
         points = []
         for index in range(1, len(cases) + 1):
@@ -81,7 +103,7 @@ def _series(rows: Sequence[EvaluationRow], names: Sequence[str]) -> dict[str, li
             mean = {
                 n: _avg([v for r in seen if (v := r.metrics.get(n)) is not None]) for n in names
             }
-            points.append(EvaluationRow("checkpoint", seen[-1].edits_done, mean))
+            points.append(EvaluationRow("checkpoint", index, mean))
     series: dict[str, list[Any]] = {"x": [p.edits_done for p in points]}
     for name in names:
         series[name] = [p.metrics.get(name) for p in points]
@@ -92,7 +114,9 @@ def _avg(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _plot(series: dict[str, list[Any]], names: Sequence[str], title: str, ylabel: str) -> str:
+def _plot(
+    series: dict[str, list[Any]], names: Sequence[str], title: str, ylabel: str, xlabel: str
+) -> str:
     drawn = [n for n in names if any(v is not None for v in series.get(n, []))]
     if not drawn or len(series["x"]) < 2:
         return ""
@@ -101,7 +125,8 @@ def _plot(series: dict[str, list[Any]], names: Sequence[str], title: str, ylabel
     for name in drawn:
         pairs = [(x, y) for x, y in zip(series["x"], series[name], strict=True) if y is not None]
         axes.plot([p[0] for p in pairs], [p[1] for p in pairs], marker=".", label=name)
-    axes.set_xlabel("edits applied")
+    axes.set_xlabel(xlabel)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     axes.grid(alpha=0.3)
@@ -115,11 +140,17 @@ def _plot(series: dict[str, list[Any]], names: Sequence[str], title: str, ylabel
 
 def to_html(title: str, summary: dict[str, Any], rows: Sequence[EvaluationRow]) -> str:
     names = metric_names(rows)
-    series = _series(rows, names)
+    isolated = summary.get("plan", {}).get("protocol") in ("single", "batch")
+    series = _series(rows, names, isolated)
+    xlabel = (
+        "cases measured (each edited alone, from the unedited model)"
+        if isolated
+        else ("edits applied")
+    )
     rates = [n for n in RATES if n in names]
     plots = [
-        _plot(series, rates, "Edit metrics over the run", "rate"),
-        *(_plot(series, [n], n.capitalize(), n) for n in HEALTH if n in names),
+        _plot(series, rates, "Edit metrics over the run", "rate", xlabel),
+        *(_plot(series, [n], n.capitalize(), n, xlabel) for n in HEALTH if n in names),
     ]
     final = next((r for r in reversed(rows) if r.kind == "final"), None)
     baseline = next((r for r in rows if r.kind == "baseline"), None)
@@ -127,6 +158,7 @@ def to_html(title: str, summary: dict[str, Any], rows: Sequence[EvaluationRow]) 
         title=title,
         summary=summary,
         names=names,
+        columns=[n for n in (*RATES, *HEALTH) if n in names],  # the rest: the CSV
         final=final,
         baseline=baseline,
         curve=[r for r in rows if r.kind in ("checkpoint", "final")],

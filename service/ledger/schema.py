@@ -99,6 +99,7 @@ class EvaluationResult(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column()
     baseline: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
+    answers: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # a case's answers, as text
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
