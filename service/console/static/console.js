@@ -129,8 +129,23 @@ async function start() {
   $("#sign-out").hidden = state.session.auth === "open";
   $("#who").textContent = `${state.session.key_name} (${state.session.scopes.join(", ")})`;
   await refreshModel();
-  await loadMethods();
+  await loadMethodsWhenReady();
   showTab("edit");
+}
+
+// While the server starts (model loading, statistics) model routes answer 503: say so and
+// try again, rather than leave an empty form.
+async function loadMethodsWhenReady() {
+  for (;;) {
+    try {
+      return await loadMethods();
+    } catch (error) {
+      if (!(error instanceof ApiError) || error.status !== 503) throw error;
+      $("#model-line").textContent = `${error.message}; retrying…`;
+      await new Promise((resolve) => setTimeout(resolve, 3000));
+      await refreshModel();
+    }
+  }
 }
 
 $("#sign-in-form").addEventListener("submit", (event) => {
