@@ -2,6 +2,7 @@
 
     python bench/bench_edits.py --method rome --cases 100             # each edit alone, reverted
     python bench/bench_edits.py --method memit --cases 100 --batch    # all N as one batch
+    python bench/bench_edits.py --method kn --split train --cases 10 --out bench/results/x.json
 
 Timings exclude the one-time statistics and context-prefix sampling. Tune on
 --split train; report on --split edit.
@@ -10,7 +11,6 @@ Timings exclude the one-time statistics and context-prefix sampling. Tune on
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -20,6 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.provenance import write_report
 from bench.ready_editor import ready_editor
 from editors import apply_patch, revert_patch
 from editors.datasets import load_counterfact
@@ -42,6 +43,7 @@ def main() -> None:
         "--corpus", help="statistics corpus (`editserve corpus`; default: model-sampled text)"
     )
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     overrides = parse_overrides(args.set)
 
@@ -75,29 +77,25 @@ def main() -> None:
             for k in per_case[0]
             if any(c[k] is not None for c in per_case)
         }
-    print(
-        json.dumps(
-            {
-                "method": args.method,
-                "model": args.model,
-                "split": args.split,
-                "cases": len(requests),
-                "mode": "batch" if args.batch else "single",
-                "hparams": vars(hparams),
-                "seconds_per_edit_mean": statistics.mean(seconds)
-                / (len(requests) if args.batch else 1),
-                "seconds_per_edit_median": statistics.median(seconds)
-                / (len(requests) if args.batch else 1),
-                "seconds_total": sum(seconds),
-                "batch_stages": stages,
-                "statistics": {"corpus": args.corpus or "model-sampled", "samples": args.samples},
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "metrics": metrics,
-                "baseline": baseline,
-            },
-            indent=2,
-        )
-    )
+    report = {
+        "method": args.method,
+        "model": args.model,
+        "split": args.split,
+        "start": args.start,
+        "cases": len(requests),
+        "mode": "batch" if args.batch else "single",
+        "hparams": vars(hparams),
+        "seconds_per_edit_mean": statistics.mean(seconds) / (len(requests) if args.batch else 1),
+        "seconds_per_edit_median": statistics.median(seconds)
+        / (len(requests) if args.batch else 1),
+        "seconds_total": sum(seconds),
+        "batch_stages": stages,
+        "statistics": {"corpus": args.corpus or "model-sampled", "samples": args.samples},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "metrics": metrics,
+        "baseline": baseline,
+    }
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,12 @@ from torch import nn
 
 from .codebook import Codebook, codebook_of, io_dims, set_codebook
 from .errors import PatchError
+from .neurons import AddedNeurons, neuron_module, neurons_of, set_neurons
 
 _KEYS = "@keys.layer"  # tensor-name prefix of the stored keys (no parameter name has '@')
 _CODEBOOK = "@codebook."  # tensor-name prefix of codebook entries, by module path
 _REKEY = "@rekey."  # tensor-name prefix of codebook keys read again, by module path
+_NEURONS = "@neurons."  # tensor-name prefix of added neurons, by MLP module path
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,9 @@ class Patch:
     `codebooks` holds codebook entries to add beside modules, by module path (GRACE);
     `rekeys` holds, by module path, new keys for all the entries a module had before this
     patch (read again on the weights this patch makes, see codebook.fresh_keys); they are
-    put in before this patch's own entries are added."""
+    put in before this patch's own entries are added; `neurons` holds key-value neurons to
+    add beside MLP modules, by module path (editors/neurons.py: T-Patcher, CaliNet), after
+    those the module has."""
 
     method: str
     deltas: dict[str, Delta]
@@ -59,6 +63,7 @@ class Patch:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     codebooks: dict[str, Codebook] = field(default_factory=dict)
     rekeys: dict[str, torch.Tensor] = field(default_factory=dict)
+    neurons: dict[str, AddedNeurons] = field(default_factory=dict)
 
     @property
     def parameter_names(self) -> list[str]:
@@ -85,6 +90,9 @@ class Patch:
                 )
         for path, keys in self.rekeys.items():
             tensors[f"{_REKEY}{path}::keys"] = keys.float().contiguous()
+        for path, added in self.neurons.items():
+            for part, tensor in added.tensors().items():
+                tensors[f"{_NEURONS}{path}::{part}"] = tensor
         # one metadata key: safetensors writes several in no fixed order, breaking the hash
         header = json.dumps({"method": self.method, "metadata": self.metadata}, sort_keys=True)
         return st_save(tensors, metadata={"editserve": header})
@@ -120,6 +128,11 @@ class Patch:
                 for name, p in parts.items()
                 if name.startswith(_REKEY)
             }
+            neurons = {
+                name.removeprefix(_NEURONS): AddedNeurons.from_tensors(p)
+                for name, p in parts.items()
+                if name.startswith(_NEURONS)
+            }
             keys = {
                 int(name.removeprefix(_KEYS)): p["keys"]
                 for name, p in parts.items()
@@ -133,7 +146,7 @@ class Patch:
         except (KeyError, ValueError) as exc:
             raise PatchError(f"patch bytes hold an incomplete entry: {exc}", field="patch") from exc
         metadata = dict(meta.get("metadata", {}))
-        return cls(meta.get("method", ""), deltas, metadata, keys, codebooks, rekeys)
+        return cls(meta.get("method", ""), deltas, metadata, keys, codebooks, rekeys, neurons)
 
     def delta_norms(self) -> dict[str, float]:
         """Frobenius norm of each parameter's delta."""
@@ -142,13 +155,14 @@ class Patch:
     @property
     def subtractable(self) -> bool:
         """Whether adding `negated()` takes this patch back: weight deltas only (codebook
-        entries are not sums, so they cannot be subtracted)."""
-        return not self.codebooks
+        entries and added neurons are not sums, so they cannot be subtracted)."""
+        return not self.codebooks and not self.neurons
 
     def negated(self) -> Patch:
         """The patch that subtracts this one's weight deltas (see `subtractable`)."""
         if not self.subtractable:
-            raise PatchError(f"a {self.method} patch holds codebook entries", field="patch")
+            what = "codebook entries" if self.codebooks else "added neurons"
+            raise PatchError(f"a {self.method} patch holds {what}", field="patch")
         deltas: dict[str, Delta] = {
             name: FactoredDelta(-d.left, d.right) if isinstance(d, FactoredDelta) else -d
             for name, d in self.deltas.items()
@@ -156,7 +170,9 @@ class Patch:
         return Patch(self.method, deltas, {**self.metadata, "negated": "true"})
 
     def with_rekeys(self, rekeys: dict[str, torch.Tensor]) -> Patch:
-        return Patch(self.method, self.deltas, self.metadata, self.keys, self.codebooks, rekeys)
+        return Patch(
+            self.method, self.deltas, self.metadata, self.keys, self.codebooks, rekeys, self.neurons
+        )
 
     def merged(self, other: Patch) -> Patch:
         """One patch with both patches' deltas (factored deltas concatenate their ranks)."""
@@ -180,8 +196,11 @@ class Patch:
         books = dict(self.codebooks)
         for path, book in other.codebooks.items():
             books[path] = books[path].extended(book) if path in books else book
+        neurons = dict(self.neurons)
+        for path, added in other.neurons.items():
+            neurons[path] = neurons[path].extended(added) if path in neurons else added
         metadata = {**self.metadata, **other.metadata}
-        return Patch(self.method, deltas, metadata, keys, books, dict(self.rekeys))
+        return Patch(self.method, deltas, metadata, keys, books, dict(self.rekeys), neurons)
 
 
 def _contexts(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
@@ -199,11 +218,12 @@ def _read_metadata(data: bytes) -> dict:
 
 @dataclass
 class AppliedPatch:
-    """Original values of the parameters a patch changed, and the codebooks it replaced;
-    `revert` restores them exactly."""
+    """Original values of the parameters a patch changed, and the codebooks and added
+    neurons it replaced; `revert` restores them exactly."""
 
     originals: dict[str, torch.Tensor]
     codebooks: dict[str, Codebook | None] = field(default_factory=dict)
+    neurons: dict[str, AddedNeurons | None] = field(default_factory=dict)
 
 
 def _parameter(model: nn.Module, name: str) -> nn.Parameter:
@@ -231,6 +251,7 @@ def apply_patch(model: nn.Module, patch: Patch) -> AppliedPatch:
             )
     modules = {path: codebook_module(model, path, book) for path, book in patch.codebooks.items()}
     rekeyed = {path: model.get_submodule(path) for path in patch.rekeys}
+    mlps = {path: neuron_module(model, path, added) for path, added in patch.neurons.items()}
     originals = {name: param.detach().clone() for name, param in params.items()}
     for name, param in params.items():
         update = dense_of(patch.deltas[name]).to(param.device)
@@ -246,7 +267,12 @@ def apply_patch(model: nn.Module, patch: Patch) -> AppliedPatch:
         books.setdefault(path, before)
         added = patch.codebooks[path]
         set_codebook(module, before.extended(added) if before is not None else added)
-    return AppliedPatch(originals, books)
+    neurons: dict[str, AddedNeurons | None] = {}
+    for path, module in mlps.items():
+        neurons[path] = had = neurons_of(module)
+        more = patch.neurons[path]
+        set_neurons(module, had.extended(more) if had is not None else more)
+    return AppliedPatch(originals, books, neurons)
 
 
 @torch.no_grad()
@@ -255,6 +281,8 @@ def revert_patch(model: nn.Module, applied: AppliedPatch) -> None:
         _parameter(model, name).copy_(original)
     for path, book in applied.codebooks.items():
         set_codebook(model.get_submodule(path), book)
+    for path, had in applied.neurons.items():
+        set_neurons(model.get_submodule(path), had)
 
 
 def codebook_module(model: nn.Module, path: str, book: Codebook) -> nn.Module:

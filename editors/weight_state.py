@@ -8,18 +8,20 @@ serving dtype. Restoring a version recomputes the masters from the base in ledge
 so the weights (and their checksum) are a pure function of the patch sequence.
 Codebook entries (GRACE) are state of the same kind: the codebook of each module is the
 concatenation of the entries of the applied patches, rebuilt on restore, and part of the
-checksum once any module has one.
+checksum once any module has one. Added neurons (T-Patcher, CaliNet) are kept the same way:
+each MLP's neurons are those of the applied patches, concatenated in order.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .codebook import Codebook, set_codebook
+from .neurons import AddedNeurons, neuron_module, set_neurons
 from .patch import Delta, FactoredDelta, Patch, PatchError, codebook_module, dense_of
 
 
@@ -36,6 +38,7 @@ class WeightState:
         self._master: dict[str, torch.Tensor] = {}
         self._digests: dict[str, bytes] | None = None  # per parameter, hashed on first use
         self._codebooks: dict[str, Codebook] = {}
+        self._neurons: dict[str, AddedNeurons] = {}
 
     @property
     def tracked(self) -> list[str]:
@@ -54,6 +57,11 @@ class WeightState:
             total.update(f"codebook:{path}".encode())
             for tensor in (book.keys, book.values, book.radii):
                 total.update(tensor_digest(tensor.float()))
+        for path in sorted(self._neurons):  # absent until an edit adds neurons
+            added = self._neurons[path]
+            total.update(f"neurons:{path}".encode())
+            for tensor in added.tensors().values():
+                total.update(tensor_digest(tensor))
         return total.hexdigest()
 
     def _track(self, name: str) -> torch.Tensor:
@@ -74,6 +82,8 @@ class WeightState:
     def check_fits(self, patch: Patch) -> None:
         for path, book in patch.codebooks.items():
             codebook_module(self.model, path, book)
+        for path, added in patch.neurons.items():
+            neuron_module(self.model, path, added)
         for name, delta in patch.deltas.items():
             param = self.params.get(name)
             if param is None:
@@ -90,16 +100,28 @@ class WeightState:
         """The codebook of each module that has one, as served."""
         return dict(self._codebooks)
 
+    @property
+    def neurons(self) -> dict[str, AddedNeurons]:
+        """The added neurons of each MLP that has some, as served."""
+        return dict(self._neurons)
+
     def _add_entries(self, patch: Patch) -> None:
         for path, keys in patch.rekeys.items():
             self._codebooks[path] = self._codebooks[path].rekeyed(keys)
         for path, book in patch.codebooks.items():
             mine = self._codebooks.get(path)
             self._codebooks[path] = mine.extended(book) if mine is not None else book
+        for path, added in patch.neurons.items():
+            had = self._neurons.get(path)
+            self._neurons[path] = had.extended(added) if had is not None else added
 
     def _publish_codebooks(self, paths: set[str]) -> None:
         for path in paths:
             set_codebook(self.model.get_submodule(path), self._codebooks.get(path))
+
+    def _publish_neurons(self, paths: set[str]) -> None:
+        for path in paths:
+            set_neurons(self.model.get_submodule(path), self._neurons.get(path))
 
     @torch.no_grad()
     def apply(self, patch: Patch) -> None:
@@ -114,6 +136,7 @@ class WeightState:
             self._publish(name)
         self._add_entries(patch)
         self._publish_codebooks(set(patch.codebooks) | set(patch.rekeys))
+        self._publish_neurons(set(patch.neurons))
 
     @torch.no_grad()
     def restore(self, patches: list[Patch], only: set[str] | None = None) -> None:
@@ -127,6 +150,8 @@ class WeightState:
             self._master[name] = self._base[name].float().clone()
         touched = set(self._codebooks)
         self._codebooks = {}
+        had_neurons = set(self._neurons)
+        self._neurons = {}
         for patch in patches:
             for name in patch.parameter_names:
                 if name in redo:
@@ -136,6 +161,7 @@ class WeightState:
         for name in redo & set(self._master):
             self._publish(name)
         self._publish_codebooks(touched | set(self._codebooks))
+        self._publish_neurons(had_neurons | set(self._neurons))
 
     def drift(self, names: list[str]) -> float:
         """Largest |W - W_base|_F / |W_base|_F over `names`: how far all the edits together
@@ -150,7 +176,7 @@ class WeightState:
 
     def snapshot(self) -> WeightSnapshot:
         masters = {name: master.clone() for name, master in self._master.items()}
-        return WeightSnapshot(masters, dict(self._codebooks))
+        return WeightSnapshot(masters, dict(self._codebooks), dict(self._neurons))
 
     @torch.no_grad()
     def reset_to(self, snapshot: WeightSnapshot) -> None:
@@ -165,12 +191,16 @@ class WeightState:
         touched = set(self._codebooks) | set(snapshot.codebooks)
         self._codebooks = dict(snapshot.codebooks)
         self._publish_codebooks(touched)
+        had_neurons = set(self._neurons) | set(snapshot.neurons)
+        self._neurons = dict(snapshot.neurons)
+        self._publish_neurons(had_neurons)
 
 
 @dataclass(frozen=True)
 class WeightSnapshot:
     masters: dict[str, torch.Tensor]  # fp32 masters of the tracked parameters
     codebooks: dict[str, Codebook]  # codebooks are never changed in place: no copy needed
+    neurons: dict[str, AddedNeurons] = field(default_factory=dict)  # nor are added neurons
 
 
 def dense_shape(delta: Delta) -> tuple[int, ...]:

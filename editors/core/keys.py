@@ -122,13 +122,15 @@ def residual_at_subject(
     spec: ModelSpec,
     requests: list[EditRequest],
     layer: int,
+    module: str | None = None,
 ) -> torch.Tensor:
-    """Output of block `layer` at the subject's last token of each bare prompt: [n, d]."""
+    """Output of block `layer` at the subject's last token of each bare prompt: [n, d]; with
+    `module` (the path of a module inside that block) that module's output there instead."""
     device = next(model.parameters()).device
     bare = SubjectRows.of(tok, located_rows(tok, requests, [""]), device)
     captured: dict[str, torch.Tensor] = {}
-    block = model.get_submodule(spec.layer_path(layer))
-    handle = block.register_forward_hook(
+    read = model.get_submodule(module or spec.layer_path(layer))
+    handle = read.register_forward_hook(
         lambda _m, _a, out: captured.setdefault("h", hidden_of(out).detach())
     )
     try:

@@ -80,11 +80,12 @@ class LayerWalk:
         return torch.cat(found).view(self.requests, self.contexts, -1).mean(dim=1)
 
     @torch.no_grad()
-    def block_output(self, layer: int) -> torch.Tensor:
-        """Output of block `layer` at each bare prompt's subject [n, d]."""
+    def block_output(self, layer: int, module: str | None = None) -> torch.Tensor:
+        """Output of block `layer` at each bare prompt's subject [n, d]; with `module` (the
+        path of a module inside that block) that module's output there instead."""
         outputs = []
         for chunk in self.chunks:
-            out, _ = self._run_to(chunk, layer, chunk.bare)
+            out, _ = self._run_to(chunk, layer, chunk.bare, module)
             picked = torch.arange(len(chunk.bare), device=out.device)
             outputs.append(out[picked, chunk.rows.cols[chunk.bare]].float())
         return torch.cat(outputs)
@@ -97,10 +98,19 @@ class LayerWalk:
             chunk.hidden, chunk.example = self._run_to(chunk, layer, rows)
         self.below = layer
 
-    def _run_to(self, chunk: _Chunk, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def _run_to(
+        self, chunk: _Chunk, layer: int, rows: torch.Tensor, module: str | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Block `layer`'s hidden output (or `module`'s output) and the block's own output."""
         captured: dict[str, Any] = {}
         block = self.blocks[layer]
-        handle = block.register_forward_hook(lambda _m, _a, out: captured.setdefault("out", out))
+        handles = [block.register_forward_hook(lambda _m, _a, out: captured.setdefault("out", out))]
+        if module is not None:
+            handles.append(
+                self.model.get_submodule(module).register_forward_hook(
+                    lambda _m, _a, out: captured.setdefault("module", out)
+                )
+            )
         try:
             with self._from_cache(chunk, rows):
                 forward_until(
@@ -111,8 +121,10 @@ class LayerWalk:
                     use_cache=False,
                 )
         finally:
-            handle.remove()
-        return hidden_of(captured["out"]).detach(), captured["out"]
+            for handle in handles:
+                handle.remove()
+        read = captured["module"] if module is not None else captured["out"]
+        return hidden_of(read).detach(), captured["out"]
 
     @contextmanager
     def _from_cache(self, chunk: _Chunk, rows: torch.Tensor) -> Iterator[None]:

@@ -1,4 +1,4 @@
-"""Spreading target residuals over several layers (MEMIT, AlphaEdit).
+"""Spreading target residuals over several layers (MEMIT, EMMET, AlphaEdit, NSE, PMET).
 
 With z the wanted output of the top edited block at each subject, for each edited layer l in
 ascending order, on the weights already changed below it:
@@ -12,6 +12,11 @@ One sweep rarely lands every request on z: each layer's closed form shrinks its 
 lam C term), and the layers above see inputs the sweep has changed. So the sweep repeats
 (`iterations`) for the requests whose top output is still more than `tolerance` of their
 starting distance from z, each sweep on the weights the earlier ones left.
+
+PMET (Li et al., 2024) changes two things (see `Sweeps`): z is the top block's MLP output,
+not the block output, so each layer's share is already a change of an MLP output and what a
+layer has reached is read at the top MLP; and layer i of the L left takes 1/sqrt(L - i) of
+what is left rather than 1/(L - i) (`share_power` 0.5).
 """
 
 from __future__ import annotations
@@ -183,6 +188,10 @@ class Sweeps:
     tolerance: float  # a request is done when |z - h| <= tolerance * |z - h before the edit|
     keys: bool = False  # also return the requests' keys on the edited weights
     share_cap: float = 0.0  # see SpreadHyperParams.layer_share_cap; 0: off
+    # z is the top block's MLP output (PMET), each share a change of an MLP output
+    mlp_target: bool = False
+    # layer i of the L left takes 1/(L - i)**share_power of what is left (PMET: 0.5)
+    share_power: float = 1.0
 
 
 @dataclass
@@ -212,9 +221,10 @@ def sweep_over_layers(
     patch = Patch(method, {}, {"layers": ",".join(map(str, layers))})
     applied: list[AppliedPatch] = []
     keys: dict[int, torch.Tensor] = {}
+    measured = spec.mlp_out_path(top) if sweeps.mlp_target else None
     try:
         # the top output measured after each sweep is the next sweep's first residual
-        top_output = residual_at_subject(model, tok, spec, requests, top)
+        top_output = residual_at_subject(model, tok, spec, requests, top, measured)
         start_gap = gap = (z - top_output).norm(dim=1)
         open_ = list(range(len(requests)))  # the first sweep carries every request
         for sweep in range(sweeps.iterations):
@@ -236,12 +246,12 @@ def sweep_over_layers(
                 top_output[open_],
                 solve,
                 method,
-                sweeps.share_cap,
+                sweeps,
                 report,
             )
             applied.append(apply_patch(model, part))
             patch = patch.merged(part)
-            top_output = residual_at_subject(model, tok, spec, requests, top)
+            top_output = residual_at_subject(model, tok, spec, requests, top, measured)
             gap = (z - top_output).norm(dim=1)
             open_ = torch.nonzero(gap > sweeps.tolerance * start_gap).squeeze(1).tolist()
         left = (gap / start_gap.clamp_min(1e-12)).tolist()
@@ -267,28 +277,34 @@ def _spread_once(
     top_output: torch.Tensor,
     solve: LayerSolve,
     method: str,
-    share_cap: float = 0.0,
+    sweeps: Sweeps,
     progress: ProgressFn | None = None,
 ) -> Patch:
     """One sweep: the patch over `layers`; the model is left as it was. `top_output` is the
-    top block's output at the subjects on the current weights (measured by the caller).
-    With `share_cap` > 0 each layer's residual is cut to at most share_cap |z - top_output|
-    / len(layers) per request."""
+    top block's output (its MLP's with `sweeps.mlp_target`) at the subjects on the current
+    weights (measured by the caller). With `sweeps.share_cap` > 0 each layer's residual is
+    cut to at most share_cap |z - top_output| / len(layers) per request."""
     top = layers[-1]
     patch = Patch(method, {}, {"layers": ",".join(map(str, layers))})
     applied: list[AppliedPatch] = []
     walk = LayerWalk(model, tok, spec, requests, prefixes)
+    share_cap, power = sweeps.share_cap, sweeps.share_power
     share_limit = share_cap * (z - top_output).norm(dim=1) / len(layers)
+    measured = spec.mlp_out_path(top) if sweeps.mlp_target else None
     try:
         for i, layer in enumerate(layers):
             keys = walk.keys(layer)
             # below the first edit the top output is the caller's; above, the walk's
-            reached = top_output if i == 0 else walk.block_output(top)
-            residual = (z - reached) / (len(layers) - i)
+            reached = top_output if i == 0 else walk.block_output(top, measured)
+            left = len(layers) - i
+            residual = (z - reached) / (left if power == 1 else left**power)
             if share_cap > 0:
                 residual = clamp_row_norms(residual, share_limit)
-            weight = linear_weight(spec, edited_weight(model, spec, layer)).float()
-            change = mlp_output_change(model, spec, layer, keys @ weight.T, residual)
+            if sweeps.mlp_target:  # the share is a change of the MLP output already
+                change = residual
+            else:
+                weight = linear_weight(spec, edited_weight(model, spec, layer)).float()
+                change = mlp_output_change(model, spec, layer, keys @ weight.T, residual)
             a, b = solve(layer, keys.T, change.T)
             part = Patch(method, {spec.weight_name(layer): factored(spec, a, b)})
             applied.append(apply_patch(model, part))

@@ -10,10 +10,17 @@ least_squares (MEMIT): A = R,  B = (lam C + K K^T)^-1 K
     the minimiser of |(W + D) K - (W K + R)|^2 + lam * tr(D C D^T).
     NSE solves the same system restricted to the selected neurons S (rows of B outside S
     are zero), with the earlier edits' keys added to lam C.
+equality_constrained (EMMET): A = R,  B = C^-1 K (K^T C^-1 K + lam_e I)^-1
+    the minimiser of tr(D C D^T) subject to (W + D) K = W K + R (lam_e -> 0): every edit's
+    key is mapped exactly onto its new value while the preserved keys move least. For one
+    key it is rank_one with k_d = k; lam_e keeps K^T C^-1 K invertible for close keys.
 null_space (AlphaEdit): D = D' P with P the projection on the null space of C, so the
     preserved keys' outputs (almost) cannot change; see `null_space_update`. Where C has
     no exact null space, lam_c P C P (the preserved keys' energy left inside P) can join
     the system, MEMIT's penalty restricted to P.
+ridge (UltraEdit): A = V,  B = K (K^T K + lam I)^-1
+    the minimiser of |(W + D) K - (W K + V)|^2 + lam |D|^2 (no statistics: the identity
+    in place of C), solved in the n x n kernel form.
 """
 
 from __future__ import annotations
@@ -48,6 +55,22 @@ def least_squares_update(
     if earlier is not None:
         system = system + earlier.double()
     return residuals.double(), torch.linalg.solve(system, keys)
+
+
+def equality_constrained_update(
+    second_moment: torch.Tensor,
+    keys: torch.Tensor,
+    residuals: torch.Tensor,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys [d_in, n], residuals [d_out, n] -> factors (A [d_out, n], B [d_in, n]) of
+    D = R (K^T C^-1 K + lam I)^-1 K^T C^-1, so that D K = R (K^T C^-1 K)(K^T C^-1 K + lam I)^-1:
+    R itself as lam -> 0."""
+    keys = keys.double()
+    spread = torch.linalg.solve(second_moment.double(), keys)  # C^-1 K
+    gram = keys.T @ spread  # K^T C^-1 K
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return residuals.double(), torch.linalg.solve(gram + lam * eye, spread.T).T
 
 
 def neurons_carrying(keys: torch.Tensor, share: float) -> torch.Tensor:
@@ -99,3 +122,16 @@ def null_space_update(
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     system = projection @ gram + lam * eye
     return residuals.double(), torch.linalg.solve(system, projection @ keys)
+
+
+def ridge_update(
+    keys: torch.Tensor, values: torch.Tensor, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """keys [d_in, n], wanted output changes values [d_out, n] -> factors (A [d_out, n],
+    B [d_in, n]) of D = V K^T (K K^T + lam I)^-1 = V (K^T K + lam I)^-1 K^T, the ridge
+    regression of the changes on the keys; the n x n system costs little however wide the
+    layer is."""
+    keys = keys.double()
+    gram = keys.T @ keys
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return values.double(), torch.linalg.solve(gram + lam * eye, keys.T).T

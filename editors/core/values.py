@@ -13,12 +13,17 @@ computed once (a KV cache for the tokens before the subject, frozen block output
 rest), so each step runs only the upper blocks on the few tokens from the subject on.
 All requests of a batch are optimised together; a request leaves the batch once its target is
 reached.
+
+With `components` (PMET) delta_i is one vector per named module inside block `layer` (its
+attention output and its MLP output), each added to that module's output at the subject and
+clamped and decayed against that output's own norm; block `layer` then runs on every step
+(on its cached input), so the MLP sees what the attention vector changed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -170,7 +175,10 @@ def _logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class _UpperStack:
-    """Runs the blocks above `layer` on the suffix tokens, prefix held in a KV cache."""
+    """Runs the blocks above `layer` on the suffix tokens, prefix held in a KV cache.
+
+    With `components` (module paths inside block `layer`) block `layer` runs too, on its
+    input computed once, and `run` adds one part of the delta to each component's output."""
 
     def __init__(
         self,
@@ -179,6 +187,7 @@ class _UpperStack:
         layer: int,
         rows: _Rows,
         post_norm: torch.nn.Module | None = None,
+        components: tuple[str, ...] = (),
     ):
         self.model = model
         self.post_norm = post_norm
@@ -190,6 +199,9 @@ class _UpperStack:
         self.past_len = rows.past_ids.shape[1]
         self.cache = None
         self.offset: torch.Tensor | None = None  # [B, d] added at each row's subject token
+        self.components = components
+        self.block_in: torch.Tensor | None = None  # with components: block `layer`'s input
+        self.component_out: torch.Tensor | None = None  # [B, P * d] their clean outputs
         with torch.no_grad():
             if self.past_len:
                 out = self.backbone(
@@ -230,12 +242,29 @@ class _UpperStack:
                 lambda _m, _a, out: captured.setdefault("mlp", out)
             ),
         ]
+        for path in self.components:
+            hooks.append(
+                self.model.get_submodule(path).register_forward_hook(
+                    lambda _m, _a, out, path=path: captured.setdefault(path, out)
+                )
+            )
+        if self.components and self.layer > 0:
+            hooks.append(
+                self.layers[self.layer - 1].register_forward_hook(
+                    lambda _m, _a, out: captured.setdefault("in", out)
+                )
+            )
         try:
             hidden = self._call(first_cached_block=0)
         finally:
             for hook in hooks:
                 hook.remove()
         self.mlp_out = captured["mlp"][:, 0].detach().float()
+        if self.components:
+            parts = [captured[path][:, 0].detach().float() for path in self.components]
+            self.component_out = torch.cat(parts, dim=1)
+            if self.layer > 0:
+                self.block_in = hidden_of(captured["in"]).detach()
         return hidden_of(captured["out"]).detach(), captured["out"], hidden.detach()
 
     def run(self, row_delta: torch.Tensor) -> torch.Tensor:
@@ -247,6 +276,8 @@ class _UpperStack:
         share of it the edit will make at that row's context (`rows.scale`).
         """
         row_delta = row_delta * self.rows.scale[:, None]
+        if self.components:
+            return self._run_components(row_delta)
         if self.post_norm is not None:
             norm = self.post_norm
             row_delta = norm(self.mlp_out + row_delta) - norm(self.mlp_out)
@@ -257,10 +288,38 @@ class _UpperStack:
         with frozen_below(self.layers, self.layer, lambda: self.block_out + bump, self.example):
             return self._call(first_cached_block=self.layer + 1)
 
+    def _run_components(self, row_delta: torch.Tensor) -> torch.Tensor:
+        """Final hidden states with part j of `row_delta` [B, P * d] added to component j's
+        output at each row's subject token; block `layer` runs from its cached input."""
+        width = self.rows.ids.shape[1]
+        parts = row_delta.view(len(row_delta), len(self.components), -1)
+        handles = []
+        for j, path in enumerate(self.components):
+            bump = F.pad(parts[:, j].unsqueeze(1), (0, 0, 0, width - 1))
+
+            def add(_m: torch.nn.Module, _a: object, out: torch.Tensor, bump=bump) -> torch.Tensor:
+                return out + bump.to(out.dtype)
+
+            handles.append(self.model.get_submodule(path).register_forward_hook(add))
+        block_in = self.block_in
+        below = (
+            nullcontext()
+            if block_in is None
+            else frozen_below(self.layers, self.layer - 1, lambda: block_in, self.example)
+        )
+        try:
+            with below:
+                return self._call(first_cached_block=self.layer)
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the rows in `keep` (indices), dropping finished requests' rows."""
         self.rows = _select_rows(self.rows, keep)
         self.block_out = self.block_out[keep]
+        if self.block_in is not None:
+            self.block_in = self.block_in[keep]
         self.mlp_out = self.mlp_out[keep]
         self.clean_hidden = self.clean_hidden[keep]
         if self.offset is not None:
@@ -316,6 +375,7 @@ def optimise_residual_targets(
     mlp_space: bool = False,
     delivery: torch.Tensor | None = None,
     anchor: Anchor | None = None,
+    components: tuple[str, ...] = (),
 ) -> ResidualTargets:
     """`mlp_space`: seek the change of block `layer`'s MLP output rather than of the block's
     output. The two are the same unless the family normalises the MLP output before adding it
@@ -328,7 +388,13 @@ def optimise_residual_targets(
     `anchor`: a context manager giving other weights (NSE's rewound ones). Each context's
     subject state is taken under them and delta is measured from there, while every other
     token keeps its state on the current weights: the target is anchored where the anchor
-    weights put the subject, and sought in the context it will be read in."""
+    weights put the subject, and sought in the context it will be read in.
+
+    `components`: module paths inside block `layer` (PMET: its attention and MLP outputs);
+    delta_i is then their parts side by side [P * d], each added to its module's output,
+    and `start` their clean outputs at the bare prompt's subject (see the module notes)."""
+    if components and (anchor is not None or mlp_space or delivery is not None):
+        raise ValueError("components cannot be combined with anchor, mlp_space or delivery")
     device = next(model.parameters()).device
     n = len(requests)
     rows = _build_rows(tok, requests, prefixes, device)
@@ -337,10 +403,14 @@ def optimise_residual_targets(
     post_norm = None
     if mlp_space and spec.mlp_post_norm is not None:
         post_norm = get_module(model, f"{spec.layer_path(layer)}.{spec.mlp_post_norm}")
-    stack = _UpperStack(model, spec, layer, rows, post_norm)
+    stack = _UpperStack(model, spec, layer, rows, post_norm, components)
     # the bare-prompt row of each request is its first row
     first_rows = torch.tensor([i * (len(prefixes) + 1) for i in range(n)], device=device)
-    start = (stack.mlp_out if post_norm is not None else stack.block_out[:, 0].float())[first_rows]
+    if stack.component_out is not None:
+        start = stack.component_out[first_rows]
+    else:
+        start = stack.mlp_out if post_norm is not None else stack.block_out[:, 0].float()
+        start = start[first_rows]
     before = stack.clean_hidden  # what the KL term keeps: the model without delta
     offset = None
     if anchor is not None:
@@ -353,7 +423,9 @@ def optimise_residual_targets(
         with torch.no_grad():  # the anchored subject state in the current context
             before = stack.run(torch.zeros_like(anchored))
     kl_before = _kl_logprobs(model, rows, before).detach()  # [n, V] in order
-    max_norm = options.clamp_norm_factor * start.norm(dim=1)
+    parts = max(len(components), 1)  # delta's parts, each clamped and decayed on its own
+    start_norms = _part_norms(start, parts)  # [n, parts]
+    max_norm = options.clamp_norm_factor * start_norms
 
     delta = torch.zeros((n, start.shape[1]), device=device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=options.lr)
@@ -370,7 +442,8 @@ def optimise_residual_targets(
         nll = nll[active] / counts[active]
         kl_now = _kl_logprobs(model, rows, hidden)
         kl = F.kl_div(kl_now, kl_before, log_target=True, reduction="none").sum(-1)
-        decay = options.weight_decay * delta[active].norm(dim=1) / start[active].norm(dim=1) ** 2
+        shares = options.weight_decay * _part_norms(delta[active], parts)
+        decay = (shares / start_norms[active] ** 2).sum(1)
         loss = (nll + options.kl_factor * kl + decay).sum()
 
         final_nll[active] = nll.detach()
@@ -395,7 +468,7 @@ def optimise_residual_targets(
             inactive = torch.ones(n, dtype=torch.bool, device=device)
             inactive[active] = False
             delta[inactive] = frozen[inactive]
-            delta.copy_(clamp_row_norms(delta, max_norm))
+            delta.copy_(clamp_row_norms(delta.view(n * parts, -1), max_norm.view(-1)).view(n, -1))
         if bool(done.any()):
             with torch.no_grad():
                 delta[active[done]] = frozen[active[done]]
@@ -407,3 +480,8 @@ def optimise_residual_targets(
     result.prob_after = torch.exp(-final_nll).tolist()
     result.delta = delta.detach()
     return result
+
+
+def _part_norms(rows: torch.Tensor, parts: int) -> torch.Tensor:
+    """[n, parts]: the norm of each of the `parts` equal slices of each row of `rows`."""
+    return rows.view(len(rows), parts, -1).norm(dim=2)

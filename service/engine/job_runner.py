@@ -196,10 +196,12 @@ class JobRunner:
     def _with_fresh_keys(self, patch: Patch) -> Patch:
         """`patch` with new keys for the codebook entries already served, read on the
         weights `patch` makes: a change below a codebook's module moves the inputs its
-        entries were keyed on, so without this they would stop firing."""
+        entries were keyed on, so without this they would stop firing (added neurons are
+        such a change too)."""
         weights = self.workspace.weights
         served = weights.codebooks
-        if not served or not (patch.deltas or len(set(served) | set(patch.codebooks)) > 1):
+        changes = patch.deltas or patch.neurons or len(set(served) | set(patch.codebooks)) > 1
+        if not served or not changes:
             return patch
         for path, book in served.items():
             if book.contexts is None:
@@ -311,7 +313,8 @@ class JobRunner:
         patch = self.replayer.patch(carrier.patch_sha256)
         if not patch.subtractable:
             raise JobRejectedError(
-                f"edit {edit_id} is codebook entries ({patch.method}), which a subtraction "
+                f"edit {edit_id} adds state beside the weights ({patch.method}: codebook "
+                "entries or neurons), which a subtraction "
                 "cannot take back; use mode=rebase",
                 field="mode",
             )

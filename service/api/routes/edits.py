@@ -97,7 +97,8 @@ def _accept_revert(edit_id: str, body: RevertIn, state: ServiceState) -> int:
     if body.mode == "subtract":
         if edit.method in METHODS and not METHODS[edit.method].subtractable:
             raise bad_input(
-                f"edit {edit_id} is {edit.method} codebook entries, which a subtraction "
+                f"edit {edit_id} is a {edit.method} edit (codebook entries or added neurons, "
+                "not weight sums), which a subtraction "
                 "cannot take back; use mode=rebase",
                 "mode",
             )
