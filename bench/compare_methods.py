@@ -47,10 +47,12 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.counterfact_rephrase_kinds import is_paraphrase_prompt
 from bench.provenance import provenance, write_report
 from editors.editor import Editor
 from editors.errors import EditError
 from editors.methods import METHODS
+from editors.requests import EditRequest
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -184,6 +186,7 @@ def run_method(
             "refusals": refusals[:10],
             "free_generation_misses": misses,
             "metrics": summary.get("final"),
+            "free_paraphrase_by_prompt_kind": free_paraphrase_by_kind(cases, rows),
             "baseline_same_cases": summary.get("final_baseline"),
             "baseline_all_cases": summary.get("baseline"),
             "seconds_per_edit": seconds_figures(timed.edit_seconds),
@@ -222,6 +225,34 @@ def run_method(
         summary["final"] = mean_metrics([r.metrics for r in scored])
         summary["final_baseline"] = mean_metrics([r.baseline or {} for r in scored])
     return entry(summary, summary["completed"], summary["stopped_at"])
+
+
+def free_paraphrase_by_kind(cases: Sequence[Any], rows: Sequence[Any]) -> dict[str, Any]:
+    """Free paraphrase success apart for the cases whose rephrase prompt is a CounterFact
+    paraphrase prompt (a generated sentence, then the paraphrase) and for those whose is a
+    generation prompt (see bench/counterfact_rephrase_kinds.py); zsre's are all questions."""
+    kind_of = {
+        str(getattr(case, "case_id", None) or i): (
+            "paraphrase_prompts"
+            if any(is_paraphrase_prompt(p, case.subject) for p in case.paraphrases)
+            else "generation_prompts"
+        )
+        for i, case in enumerate(cases)
+        if isinstance(case, EditRequest) and case.paraphrases
+    }
+    scores: dict[str, list[float]] = {"paraphrase_prompts": [], "generation_prompts": []}
+    for row in rows:
+        value = row.metrics.get("free_paraphrase") if row.kind == "case" else None
+        kind = kind_of.get(str(row.case_id))
+        if value is not None and kind is not None and not row.error:
+            scores[kind].append(value)
+    return {
+        kind: {
+            "cases": len(values),
+            "free_paraphrase": statistics.fmean(values) if values else None,
+        }
+        for kind, values in scores.items()
+    }
 
 
 # -- the report -----------------------------------------------------------------------------
@@ -423,6 +454,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         "method",
         "cases scored",
         *(title for _, title in COLUMNS),
+        "free paraphrase, paraphrase prompts (cases)",
         "s/edit median (mean)",
         "peak RSS MB",
     ]
@@ -433,7 +465,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         + str(report.get("cases", "–"))
         + " | "
         + " | ".join(pct(base.get(key)) for key, _ in COLUMNS)
-        + " | – | – |"
+        + " | – | – | – |"
     )
     for entry in report.get("methods", []):
         name = entry["method"]
@@ -448,10 +480,12 @@ def markdown_table(report: dict[str, Any]) -> str:
         if not entry.get("completed"):
             edited += " (cut off)"
         timing = "–" if s["median"] is None else f"{s['median']:.2f} ({s['mean']:.2f})"
+        real = (entry.get("free_paraphrase_by_prompt_kind") or {}).get("paraphrase_prompts")
+        real_text = "–" if not real else f"{pct(real['free_paraphrase'])} ({real['cases']})"
         lines.append(
             f"| {name} | {edited} | "
             + " | ".join(pct(m.get(key)) for key, _ in COLUMNS)
-            + f" | {timing} | {entry['peak_rss_mb']:.0f} |"
+            + f" | {real_text} | {timing} | {entry['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -63,6 +63,12 @@ def test_each_method_gets_its_figures_and_a_later_run_adds_to_them(run):
     assert rome["seconds_per_edit"]["median"] > 0
     assert rome["peak_rss_mb"] > 0 and rome["peak_rss_measures"]
     assert rome["hparams"]["lr"] is not None
+    # the first two edit cases: a generation prompt ("Where Danielle Darrieux is from, ..."),
+    # then a paraphrase prompt after a generated sentence; each case has one rephrase
+    kinds = rome["free_paraphrase_by_prompt_kind"]
+    assert kinds["generation_prompts"]["cases"] == kinds["paraphrase_prompts"]["cases"] == 1
+    split = [kinds[k]["free_paraphrase"] for k in ("generation_prompts", "paraphrase_prompts")]
+    assert sum(split) / 2 == pytest.approx(rome["metrics"]["free_paraphrase"])
     assert report["baseline"]["efficacy"] is not None
     assert {"command", "commit", "date", "machine"} <= set(report["provenance"])
 
