@@ -31,10 +31,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .core.keys import pad_id_of, right_padded
 from .free_generation import answer_budget, continuations, gives_same_answer, states_answer
+from .memory import memory_of, rewrite_ids
 from .requests import EditRequest, with_leading_space
 from .tokens import encode_answer, encode_prompt, eos_ids
 
 Pair = tuple[str, str]  # (prompt text, answer)
+
+
+def prompt_ids(model: PreTrainedModel, tok: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A prompt's tokens as the model reads it: with IKE memory entries (editors/memory.py)
+    relevant to it, their demonstrations come first, as when the service generates."""
+    ids = encode_prompt(tok, text)
+    memory = memory_of(model)
+    return rewrite_ids(memory, tok, text, ids)[0] if memory is not None else ids
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,9 @@ def score_pairs(
 ) -> PairScores:
     """Teacher-forced NLL and argmax predictions of every answer given its prompt."""
     device = next(model.parameters()).device
-    encoded = [(encode_prompt(tok, p), encode_answer(tok, with_leading_space(a))) for p, a in pairs]
+    encoded = [
+        (prompt_ids(model, tok, p), encode_answer(tok, with_leading_space(a))) for p, a in pairs
+    ]
     nll: list[float] = []
     predicted: list[list[int]] = []
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
@@ -360,7 +371,7 @@ def greedy_continuations(
     the forward passes of a small model."""
     device = next(model.parameters()).device
     pad = pad_id_of(tok)
-    rows = [encode_prompt(tok, p) for p in prompts]
+    rows = [prompt_ids(model, tok, p) for p in prompts]
     width = max(len(r) for r in rows)
     step = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)

@@ -18,12 +18,14 @@ from torch import nn
 
 from .codebook import Codebook, codebook_of, io_dims, set_codebook
 from .errors import PatchError
+from .memory import MemoryEntry, entries_from_bytes, entries_to_bytes, memory_entries, set_memory
 from .neurons import AddedNeurons, neuron_module, neurons_of, set_neurons
 
 _KEYS = "@keys.layer"  # tensor-name prefix of the stored keys (no parameter name has '@')
 _CODEBOOK = "@codebook."  # tensor-name prefix of codebook entries, by module path
 _REKEY = "@rekey."  # tensor-name prefix of codebook keys read again, by module path
 _NEURONS = "@neurons."  # tensor-name prefix of added neurons, by MLP module path
+_MEMORY = "@memory::entries"  # IKE memory entries, as JSON bytes (uint8)
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ class Patch:
     patch (read again on the weights this patch makes, see codebook.fresh_keys); they are
     put in before this patch's own entries are added; `neurons` holds key-value neurons to
     add beside MLP modules, by module path (editors/neurons.py: T-Patcher, CaliNet), after
-    those the module has."""
+    those the module has; `memories` holds IKE memory entries (editors/memory.py), added
+    after those of the patches before it."""
 
     method: str
     deltas: dict[str, Delta]
@@ -64,6 +67,7 @@ class Patch:
     codebooks: dict[str, Codebook] = field(default_factory=dict)
     rekeys: dict[str, torch.Tensor] = field(default_factory=dict)
     neurons: dict[str, AddedNeurons] = field(default_factory=dict)
+    memories: tuple[MemoryEntry, ...] = ()
 
     @property
     def parameter_names(self) -> list[str]:
@@ -93,6 +97,9 @@ class Patch:
         for path, added in self.neurons.items():
             for part, tensor in added.tensors().items():
                 tensors[f"{_NEURONS}{path}::{part}"] = tensor
+        if self.memories:
+            raw = entries_to_bytes(self.memories)
+            tensors[_MEMORY] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
         # one metadata key: safetensors writes several in no fixed order, breaking the hash
         header = json.dumps({"method": self.method, "metadata": self.metadata}, sort_keys=True)
         return st_save(tensors, metadata={"editserve": header})
@@ -112,6 +119,7 @@ class Patch:
             message = f"patch bytes are not valid safetensors: {exc}"
             raise PatchError(message, field="patch") from exc
         parts: dict[str, dict[str, torch.Tensor]] = {}
+        memory = tensors.pop(_MEMORY, None)
         for key, tensor in tensors.items():
             name, _, part = key.rpartition("::")
             parts.setdefault(name, {})[part] = tensor
@@ -143,10 +151,15 @@ class Patch:
                 for name, p in parts.items()
                 if not name.startswith("@")
             }
-        except (KeyError, ValueError) as exc:
+            memories = (
+                entries_from_bytes(bytes(memory.numpy().tobytes())) if memory is not None else ()
+            )
+        except (KeyError, ValueError, TypeError) as exc:
             raise PatchError(f"patch bytes hold an incomplete entry: {exc}", field="patch") from exc
         metadata = dict(meta.get("metadata", {}))
-        return cls(meta.get("method", ""), deltas, metadata, keys, codebooks, rekeys, neurons)
+        return cls(
+            meta.get("method", ""), deltas, metadata, keys, codebooks, rekeys, neurons, memories
+        )
 
     def delta_norms(self) -> dict[str, float]:
         """Frobenius norm of each parameter's delta."""
@@ -155,13 +168,19 @@ class Patch:
     @property
     def subtractable(self) -> bool:
         """Whether adding `negated()` takes this patch back: weight deltas only (codebook
-        entries and added neurons are not sums, so they cannot be subtracted)."""
-        return not self.codebooks and not self.neurons
+        entries, added neurons and memory entries are not sums, so they cannot be subtracted)."""
+        return not self.codebooks and not self.neurons and not self.memories
 
     def negated(self) -> Patch:
         """The patch that subtracts this one's weight deltas (see `subtractable`)."""
         if not self.subtractable:
-            what = "codebook entries" if self.codebooks else "added neurons"
+            what = (
+                "codebook entries"
+                if self.codebooks
+                else "added neurons"
+                if self.neurons
+                else "memory entries"
+            )
             raise PatchError(f"a {self.method} patch holds {what}", field="patch")
         deltas: dict[str, Delta] = {
             name: FactoredDelta(-d.left, d.right) if isinstance(d, FactoredDelta) else -d
@@ -171,7 +190,14 @@ class Patch:
 
     def with_rekeys(self, rekeys: dict[str, torch.Tensor]) -> Patch:
         return Patch(
-            self.method, self.deltas, self.metadata, self.keys, self.codebooks, rekeys, self.neurons
+            self.method,
+            self.deltas,
+            self.metadata,
+            self.keys,
+            self.codebooks,
+            rekeys,
+            self.neurons,
+            self.memories,
         )
 
     def merged(self, other: Patch) -> Patch:
@@ -200,7 +226,10 @@ class Patch:
         for path, added in other.neurons.items():
             neurons[path] = neurons[path].extended(added) if path in neurons else added
         metadata = {**self.metadata, **other.metadata}
-        return Patch(self.method, deltas, metadata, keys, books, dict(self.rekeys), neurons)
+        memories = (*self.memories, *other.memories)
+        return Patch(
+            self.method, deltas, metadata, keys, books, dict(self.rekeys), neurons, memories
+        )
 
 
 def _contexts(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...] | None:
@@ -224,6 +253,7 @@ class AppliedPatch:
     originals: dict[str, torch.Tensor]
     codebooks: dict[str, Codebook | None] = field(default_factory=dict)
     neurons: dict[str, AddedNeurons | None] = field(default_factory=dict)
+    memories: tuple[MemoryEntry, ...] | None = None  # the memory before (None: untouched)
 
 
 def _parameter(model: nn.Module, name: str) -> nn.Parameter:
@@ -272,7 +302,11 @@ def apply_patch(model: nn.Module, patch: Patch) -> AppliedPatch:
         neurons[path] = had = neurons_of(module)
         more = patch.neurons[path]
         set_neurons(module, had.extended(more) if had is not None else more)
-    return AppliedPatch(originals, books, neurons)
+    memories = None
+    if patch.memories:
+        memories = memory_entries(model)
+        set_memory(model, (*memories, *patch.memories))
+    return AppliedPatch(originals, books, neurons, memories)
 
 
 @torch.no_grad()
@@ -283,6 +317,8 @@ def revert_patch(model: nn.Module, applied: AppliedPatch) -> None:
         set_codebook(model.get_submodule(path), book)
     for path, had in applied.neurons.items():
         set_neurons(model.get_submodule(path), had)
+    if applied.memories is not None:
+        set_memory(model, applied.memories)
 
 
 def codebook_module(model: nn.Module, path: str, book: Codebook) -> nn.Module:

@@ -9,7 +9,8 @@ so the weights (and their checksum) are a pure function of the patch sequence.
 Codebook entries (GRACE) are state of the same kind: the codebook of each module is the
 concatenation of the entries of the applied patches, rebuilt on restore, and part of the
 checksum once any module has one. Added neurons (T-Patcher, CaliNet) are kept the same way:
-each MLP's neurons are those of the applied patches, concatenated in order.
+each MLP's neurons are those of the applied patches, concatenated in order. IKE memory
+entries (editors/memory.py) too: the model's memory is the applied patches' entries in order.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from .codebook import Codebook, set_codebook
+from .memory import MemoryEntry, entries_to_bytes, set_memory
 from .neurons import AddedNeurons, neuron_module, set_neurons
 from .patch import Delta, FactoredDelta, Patch, PatchError, codebook_module, dense_of
 
@@ -39,6 +41,7 @@ class WeightState:
         self._digests: dict[str, bytes] | None = None  # per parameter, hashed on first use
         self._codebooks: dict[str, Codebook] = {}
         self._neurons: dict[str, AddedNeurons] = {}
+        self._memories: tuple[MemoryEntry, ...] = ()
 
     @property
     def tracked(self) -> list[str]:
@@ -62,6 +65,9 @@ class WeightState:
             total.update(f"neurons:{path}".encode())
             for tensor in added.tensors().values():
                 total.update(tensor_digest(tensor))
+        if self._memories:  # absent until an IKE edit
+            total.update(b"memory:")
+            total.update(hashlib.sha256(entries_to_bytes(self._memories)).digest())
         return total.hexdigest()
 
     def _track(self, name: str) -> torch.Tensor:
@@ -105,6 +111,11 @@ class WeightState:
         """The added neurons of each MLP that has some, as served."""
         return dict(self._neurons)
 
+    @property
+    def memories(self) -> tuple[MemoryEntry, ...]:
+        """The IKE memory entries, as served."""
+        return self._memories
+
     def _add_entries(self, patch: Patch) -> None:
         for path, keys in patch.rekeys.items():
             self._codebooks[path] = self._codebooks[path].rekeyed(keys)
@@ -114,6 +125,8 @@ class WeightState:
         for path, added in patch.neurons.items():
             had = self._neurons.get(path)
             self._neurons[path] = had.extended(added) if had is not None else added
+        if patch.memories:
+            self._memories = (*self._memories, *patch.memories)
 
     def _publish_codebooks(self, paths: set[str]) -> None:
         for path in paths:
@@ -122,6 +135,9 @@ class WeightState:
     def _publish_neurons(self, paths: set[str]) -> None:
         for path in paths:
             set_neurons(self.model.get_submodule(path), self._neurons.get(path))
+
+    def _publish_memory(self) -> None:
+        set_memory(self.model, self._memories)  # unchanged entries: nothing happens
 
     @torch.no_grad()
     def apply(self, patch: Patch) -> None:
@@ -137,6 +153,8 @@ class WeightState:
         self._add_entries(patch)
         self._publish_codebooks(set(patch.codebooks) | set(patch.rekeys))
         self._publish_neurons(set(patch.neurons))
+        if patch.memories:
+            self._publish_memory()
 
     @torch.no_grad()
     def restore(self, patches: list[Patch], only: set[str] | None = None) -> None:
@@ -152,6 +170,7 @@ class WeightState:
         self._codebooks = {}
         had_neurons = set(self._neurons)
         self._neurons = {}
+        self._memories = ()
         for patch in patches:
             for name in patch.parameter_names:
                 if name in redo:
@@ -162,6 +181,7 @@ class WeightState:
             self._publish(name)
         self._publish_codebooks(touched | set(self._codebooks))
         self._publish_neurons(had_neurons | set(self._neurons))
+        self._publish_memory()
 
     def drift(self, names: list[str]) -> float:
         """Largest |W - W_base|_F / |W_base|_F over `names`: how far all the edits together
@@ -176,7 +196,7 @@ class WeightState:
 
     def snapshot(self) -> WeightSnapshot:
         masters = {name: master.clone() for name, master in self._master.items()}
-        return WeightSnapshot(masters, dict(self._codebooks), dict(self._neurons))
+        return WeightSnapshot(masters, dict(self._codebooks), dict(self._neurons), self._memories)
 
     @torch.no_grad()
     def reset_to(self, snapshot: WeightSnapshot) -> None:
@@ -194,6 +214,8 @@ class WeightState:
         had_neurons = set(self._neurons) | set(snapshot.neurons)
         self._neurons = dict(snapshot.neurons)
         self._publish_neurons(had_neurons)
+        self._memories = snapshot.memories
+        self._publish_memory()
 
 
 @dataclass(frozen=True)
@@ -201,6 +223,7 @@ class WeightSnapshot:
     masters: dict[str, torch.Tensor]  # fp32 masters of the tracked parameters
     codebooks: dict[str, Codebook]  # codebooks are never changed in place: no copy needed
     neurons: dict[str, AddedNeurons] = field(default_factory=dict)  # nor are added neurons
+    memories: tuple[MemoryEntry, ...] = ()  # IKE memory entries (immutable)
 
 
 def dense_shape(delta: Delta) -> tuple[int, ...]:

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from editors.editor import Editor, corpus_statistics
 from editors.errors import PatchError
+from editors.memory import warm as warm_memory
 from editors.requests import EditRequest
 
 from ..ledger.blobs import BlobError, BlobStore
@@ -185,6 +186,7 @@ class Engine:
         self._stage(f"replaying the ledger to version {head.number}")
         self.runner.call(lambda: self.replayer.replay(chain))
         self.work_replayer.replay(chain, check_each=False)
+        warm_memory(self.runner.model)  # IKE: embed the memory's keys before serving
         self.state.seconds["replay"] = time.perf_counter() - began
 
     def _stage(self, stage: str) -> None:

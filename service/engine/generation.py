@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from editors.memory import memory_of, rewrite_ids
 from editors.tokens import eos_ids
 
 
@@ -59,6 +60,11 @@ class GenerationRequest:
     prompt_logprobs: int | None = None
     on_logprob: Callable[[TokenLogprob], None] | None = None  # each generated token's, in turn
     version: int | None = field(default=None, init=False)  # set by the loop when admitted
+    # IKE (editors/memory.py): the text compared with the model's memory (None: `prompt`),
+    # and, for prompts built from parts (a chat), how to build them with a context before
+    # the part it belongs to (None: the context goes before the whole prompt)
+    memory_query: str | None = None
+    with_context: Callable[[str, PreTrainedTokenizerBase], list[int]] | None = None
 
 
 @dataclass
@@ -79,6 +85,63 @@ def encode(request: GenerationRequest, tok: PreTrainedTokenizerBase) -> list[int
     if request.prompt_ids is not None:
         return list(request.prompt_ids)
     return list(tok(request.prompt, add_special_tokens=True)["input_ids"])
+
+
+def encode_with_memory(
+    request: GenerationRequest, tok: PreTrainedTokenizerBase, model: torch.nn.Module
+) -> tuple[list[int], list[int]]:
+    """The tokens the model reads for the request's prompt, with the model's IKE memory
+    applied (the demonstrations of the entries relevant to the prompt go before it,
+    editors/memory.py), and the prompt's own tokens (`encode`'s), which the output reports.
+    With no relevant entry (or no memory) both are `encode`'s tokens, the same list."""
+    ids = encode(request, tok)
+    rewritten, added = _with_memory(request, tok, model, ids)
+    return (rewritten, ids) if added > 0 else (ids, ids)
+
+
+def _with_memory(
+    request: GenerationRequest, tok: PreTrainedTokenizerBase, model: torch.nn.Module, ids: list[int]
+) -> tuple[list[int], int]:
+    memory = memory_of(model)
+    if memory is None or not ids:
+        return ids, 0
+    query = request.memory_query if request.memory_query is not None else request.prompt
+    if request.with_context is not None:
+        context = memory.context_for(query)
+        if context is None:
+            return ids, 0
+        rewritten = request.with_context(context, tok)
+        added = max(len(rewritten) - len(ids), 0)
+    else:
+        rewritten, added = rewrite_ids(memory, tok, request.prompt, ids, query)
+    limit = _context_length(model)
+    if limit is not None and len(rewritten) + request.params.max_new_tokens > limit:
+        return ids, 0  # the demonstrations do not fit the model's context: served as sent
+    return rewritten, added
+
+
+def _context_length(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions"):
+        length = getattr(config, name, None)
+        if isinstance(length, int) and length > 0:
+            return length
+    return None
+
+
+def without_context(
+    read: list[int], sent: list[int], prompt_logprobs: list[TokenLogprob | None] | None
+) -> list[TokenLogprob | None] | None:
+    """The logprobs of the prompt as sent (`sent`) from those of the tokens the model read
+    (`read`: context, then the prompt, whose first token may have merged with the context's
+    last space): the context's rows left out, the first token's none, as any first token."""
+    if prompt_logprobs is None or read is sent:
+        return prompt_logprobs
+    added = len(read) - len(sent)
+    rows = prompt_logprobs[added + 1 :]
+    if len(rows) != len(sent) - 1 or read[added + 1 :] != sent[1:]:
+        return None  # a context inside the prompt (a chat turn): no row is the prompt's
+    return [None, *rows]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
@@ -186,7 +249,8 @@ def generate_batch(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, requests: list[GenerationRequest]
 ) -> list[GenerationOutput]:
     device = next(model.parameters()).device
-    encoded = [encode(r, tok) for r in requests]
+    with_memory = [encode_with_memory(r, tok, model) for r in requests]
+    encoded = [read for read, _ in with_memory]
     rows = [_Row(r, len(ids), device) for r, ids in zip(requests, encoded, strict=True)]
     for row in rows:
         if row.request.params.max_new_tokens <= 0:
@@ -222,9 +286,9 @@ def generate_batch(
             row.text,
             len(row.ids),
             row.finish or "length",
-            row.prompt_tokens,
+            len(sent),
             token_ids=row.picked,
-            prompt_ids=ids,
+            prompt_ids=sent,
         )
-        for row, ids in zip(rows, encoded, strict=True)
+        for row, (_, sent) in zip(rows, with_memory, strict=True)
     ]

@@ -66,9 +66,10 @@ from .generation import (
     _advance,
     _pick,
     _Row,
-    encode,
+    encode_with_memory,
     left_pad,
     token_logprobs,
+    without_context,
 )
 
 T = TypeVar("T")
@@ -104,6 +105,7 @@ class _Live:
     row: _Row
     tokens: list[int]
     version: int
+    sent: list[int] | None = None  # the prompt as sent, where IKE put context before it
 
 
 @dataclass
@@ -392,9 +394,10 @@ class ServingLoop:
         if request.cancelled.is_set():
             _resolve(ticket, None, GenerationCancelled("cancelled before it started"))
             return None
-        ids = encode(request, self.tok)
+        ids, sent = encode_with_memory(request, self.tok, self.model)
         request.version = version
-        live = _Live(ticket, _Row(request, len(ids), self._device), ids, version)
+        row = _Row(request, len(ids), self._device)
+        live = _Live(ticket, row, ids, version, sent if sent is not ids else None)
         if request.params.max_new_tokens <= 0 and request.prompt_logprobs is None:
             live.row.finish = "length"
             self._finish(live)
@@ -573,16 +576,22 @@ class ServingLoop:
 
     def _finish(self, live: _Live) -> None:
         row = live.row
+        read = live.tokens[: row.prompt_tokens]
+        sent = live.sent if live.sent is not None else read  # `tokens` grows: not `read` itself
         output = GenerationOutput(
             row.text,
             len(row.ids),
             row.finish or "length",
-            row.prompt_tokens,
+            len(sent),
             live.version,
             token_ids=row.picked,
-            prompt_ids=live.tokens[: row.prompt_tokens],
+            prompt_ids=sent,
             logprobs=row.logprobs,
-            prompt_logprobs=row.prompt_logprobs,
+            prompt_logprobs=(
+                row.prompt_logprobs
+                if live.sent is None
+                else without_context(read, sent, row.prompt_logprobs)
+            ),
         )
         _resolve(live.ticket, output, None)
 

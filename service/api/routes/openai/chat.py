@@ -15,7 +15,7 @@ from .answer import answer
 from .chunks import ChatChunks
 from .common import GENERATE, bad_request, finish_reason, served
 from .logprobs import chat_logprobs
-from .prompts import chat_prompt
+from .prompts import chat_memory, chat_prompt
 from .sampling import generation_requests, max_tokens
 from .stream import stream
 
@@ -38,6 +38,9 @@ async def chat_completions(
     budget = max_tokens(requested, param, [prompt], engine, state)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     requests = generation_requests([prompt], body, budget, logprobs, None)
+    query, with_context = chat_memory(body.messages)  # IKE: demonstrations go in the last turn
+    for request in requests:
+        request.memory_query, request.with_context = query, with_context
     if body.stream:
         chunks = ChatChunks(f"chatcmpl-{uuid.uuid4().hex}", model, engine.tok, requests)
         return await stream(state, engine, requests, chunks, [prompt], body)

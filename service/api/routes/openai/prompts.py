@@ -4,6 +4,10 @@ service's prompt limit."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from transformers import PreTrainedTokenizerBase
+
 from ....engine.engine import Engine
 from ....state import ServiceState
 from ...openai_schemas import MAX_PROMPTS, ChatMessageIn, CompletionIn
@@ -46,12 +50,47 @@ def _plain_chat(conversation: list[dict[str, str]]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in conversation) + "assistant:"
 
 
-def chat_prompt(messages: list[ChatMessageIn], engine: Engine, state: ServiceState) -> Prompt:
+def _conversation(messages: list[ChatMessageIn]) -> list[dict[str, str]]:
     conversation = []
     for index, message in enumerate(messages):
         if message.text is None:
             raise bad_request(f"message {index} has no content", "messages")
         conversation.append({"role": message.role, "content": message.text})
+    return conversation
+
+
+def chat_memory(
+    messages: list[ChatMessageIn],
+) -> tuple[str | None, Callable[[str, PreTrainedTokenizerBase], list[int]] | None]:
+    """For IKE (editors/memory.py): the text a chat is retrieved by (its last user
+    message), and how to build its tokens with a context before that message's content.
+    (None, None) when the chat has no user message."""
+    conversation = _conversation(messages)
+    last = max((i for i, m in enumerate(conversation) if m["role"] == "user"), default=None)
+    if last is None:
+        return None, None
+    query = conversation[last]["content"]
+
+    def with_context(context: str, tok: PreTrainedTokenizerBase) -> list[int]:
+        changed = [dict(m) for m in conversation]
+        changed[last]["content"] = context + query
+        return _chat_ids(changed, tok)[0]
+
+    return query, with_context
+
+
+def _chat_ids(
+    conversation: list[dict[str, str]], tok: PreTrainedTokenizerBase
+) -> tuple[list[int], str]:
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return list(tok(str(text), add_special_tokens=False)["input_ids"]), str(text)
+    text = _plain_chat(conversation)
+    return list(tok(text, add_special_tokens=True)["input_ids"]), text
+
+
+def chat_prompt(messages: list[ChatMessageIn], engine: Engine, state: ServiceState) -> Prompt:
+    conversation = _conversation(messages)
     tok = engine.tok
     if getattr(tok, "chat_template", None):
         try:
